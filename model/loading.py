@@ -1,0 +1,177 @@
+"""Find a checkpoint (HF cache repo id, local folder, .gguf file, Meta original folder) and load it."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from model.errors import ModelError
+
+REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a checkpoint lives. `kind` is one of hf, folder, gguf, meta."""
+
+    kind: str
+    path: Path
+    name: str  # what the user gave: a repo id or a path
+    revision: str = ""  # HF snapshot hash, when known
+
+    @property
+    def is_llama3_family(self) -> bool:
+        return self.kind != "gguf" or "llama" in self.path.name.lower()
+
+
+def _folder_kind(folder: Path) -> str | None:
+    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
+        return "folder"
+    if (folder / "params.json").is_file() and any(folder.glob("consolidated.*.pth")):
+        return "meta"
+    if (folder / "original" / "params.json").is_file():
+        return "meta-sub"
+    return None
+
+
+def resolve_source(src: str | os.PathLike) -> Source:
+    """Resolve what the user named; never touches the network. Errors say what was looked for."""
+    text = str(src)
+    path = Path(text).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix.lower() != ".gguf":
+                raise ModelError(f"{path} is a file but not a .gguf checkpoint. Give a .gguf file or a model folder.")
+            return Source("gguf", path.resolve(), text)
+        kind = _folder_kind(path)
+        if kind == "meta-sub":
+            return Source("meta", (path / "original").resolve(), text)
+        if kind is None:
+            raise ModelError(
+                f"{path} holds no checkpoint: expected config.json with *.safetensors (Hugging Face format) "
+                "or params.json with consolidated.00.pth and tokenizer.model (Meta's original format)."
+            )
+        return Source(kind, path.resolve(), text)
+    if REPO_ID.match(text) and not text.startswith((".", "/")):
+        return _from_hf_cache(text)
+    raise ModelError(f"Model {text!r} not found: it is neither an existing path nor a Hugging Face repo id.")
+
+
+def _from_hf_cache(repo_id: str) -> Source:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError) as e:
+        raise ModelError(
+            f"{repo_id} is not in the local Hugging Face cache ({_hf_cache_dir()}). Download it once with "
+            f"`llama-chat download --model {repo_id}` (gated Llama models need the license accepted on "
+            "huggingface.co and a token from `hf auth login` or HF_TOKEN), or pass a local folder or .gguf file.",
+            title="Model not downloaded",
+        ) from e
+    kind = _folder_kind(folder)
+    if kind not in ("folder", "meta", "meta-sub"):
+        raise ModelError(f"The cached copy of {repo_id} at {folder} is incomplete; download it again.")
+    if kind == "meta-sub":
+        kind, folder = "meta", folder / "original"
+    return Source(kind, folder, repo_id, revision=folder.name if kind == "folder" else folder.parent.name)
+
+
+def _hf_cache_dir() -> str:
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return HF_HUB_CACHE
+
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object
+    source: Source
+    eos_ids: tuple[int, ...]
+    generation_defaults: dict
+
+
+def load_checkpoint(source: Source, *, device: str, dtype) -> Loaded:
+    """Load model and tokenizer in `dtype` on `device`, all from local files."""
+    try:
+        if source.kind == "meta":
+            from model.meta_format import load_meta_checkpoint
+
+            model, tokenizer = load_meta_checkpoint(source.path, dtype=dtype)
+        else:
+            model, tokenizer = _load_transformers(source, dtype)
+    except ModelError:
+        raise
+    except Exception as e:  # transformers raises many types; the user needs to know which file failed
+        raise ModelError(f"Could not load the checkpoint at {source.path}: {e}", title="Model load failed") from e
+    model.to(device).eval()
+    return Loaded(model, tokenizer, source, eos_ids(model, tokenizer), generation_defaults(model))
+
+
+def _load_transformers(source: Source, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    folder, kwargs = source.path, {}
+    if source.kind == "gguf":
+        folder, kwargs = source.path.parent, {"gguf_file": source.path.name}
+    kwargs["local_files_only"] = True
+    # A .gguf carries its tokenizer; tokenizer files beside it win (they keep the chat template exact).
+    has_tokenizer_files = (folder / "tokenizer.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(folder, **({"local_files_only": True} if has_tokenizer_files else kwargs))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    if source.kind == "gguf":
+        apply_gguf_rope_freqs(model, source.path)
+    return model, tokenizer
+
+
+def apply_gguf_rope_freqs(model, path: Path) -> None:
+    """Llama 3.1+ GGUF files carry their rope scaling as a `rope_freqs.weight` tensor of per-frequency
+    divisors, which transformers does not read; without it positions are encoded wrongly."""
+    import numpy as np
+    import torch
+    from gguf import GGUFReader
+
+    factors = next((t for t in GGUFReader(str(path)).tensors if t.name == "rope_freqs.weight"), None)
+    rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
+    if factors is None or rotary is None:
+        return
+    divisors = torch.from_numpy(np.array(factors.data, dtype=np.float32)).reshape(-1)
+    if divisors.shape != rotary.inv_freq.shape:
+        raise ModelError(f"{path}: rope_freqs has {divisors.numel()} entries, the model expects {rotary.inv_freq.numel()}.")
+    base = rotary.original_inv_freq if hasattr(rotary, "original_inv_freq") else rotary.inv_freq
+    rotary.inv_freq = (base.float().cpu() / divisors).to(rotary.inv_freq.device)
+    rotary.original_inv_freq = rotary.inv_freq
+
+
+def eos_ids(model, tokenizer) -> tuple[int, ...]:
+    """Every id that ends a reply: the generation config's eos list, the config's, the tokenizer's."""
+    found: list[int] = []
+    for value in (
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+        getattr(model.config, "eos_token_id", None),
+        tokenizer.eos_token_id,
+        tokenizer.convert_tokens_to_ids("<|eot_id|>") if "<|eot_id|>" in tokenizer.get_vocab() else None,
+    ):
+        for i in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(i, int) and i not in found:
+                found.append(i)
+    if not found:
+        raise ModelError("The checkpoint names no end-of-sequence token; it cannot be used for chat.")
+    return tuple(found)
+
+
+def generation_defaults(model) -> dict:
+    """Sampling defaults from the checkpoint's generation config (Llama 3.2: 0.6 / 0.9)."""
+    gc = getattr(model, "generation_config", None)
+    do_sample = getattr(gc, "do_sample", False)
+    return {
+        "temperature": float(getattr(gc, "temperature", None) or 0.6) if do_sample else 0.0,
+        "top_p": float(getattr(gc, "top_p", None) or 1.0),
+        "top_k": int(getattr(gc, "top_k", None) or 0),
+    }

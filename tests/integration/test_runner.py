@@ -1,0 +1,214 @@
+"""The runner on tiny random Llama checkpoints with the real config shape and the real tokenizer."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+
+import pytest
+import torch
+
+from model.errors import ContextError, ModelError
+from model.loading import resolve_source
+from model.runner import Runner
+from model.sampling import Sampling
+
+DATE = dt.date(2026, 11, 26)
+GREEDY = Sampling(temperature=0, max_new_tokens=12)
+
+
+def chat(*turns, system="You are helpful."):
+    msgs = [{"role": "system", "content": system}] if system else []
+    for i, t in enumerate(turns):
+        msgs.append({"role": "user" if i % 2 == 0 else "assistant", "content": t})
+    return msgs
+
+
+def reply(runner, messages, sampling=GREEDY, **kw):
+    return "".join(runner.stream(messages, sampling=sampling, date=DATE, **kw))
+
+
+def reference_logits(folder, ids):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1]
+
+
+def test_loads_folder_with_generation_defaults_and_eos(tiny_runner_factory):
+    r = tiny_runner_factory()
+    assert r.source.kind == "folder"
+    assert {128001, 128008, 128009} <= r.eos_ids
+    assert r.defaults["temperature"] == pytest.approx(0.6) and r.defaults["top_p"] == pytest.approx(0.9)
+    assert r.context_window == 8192
+
+
+def test_missing_sources_say_what_was_looked_for(tmp_path):
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache.*llama-chat download"):
+        resolve_source("meta-llama/Llama-3.2-1B-Instruct")
+    with pytest.raises(ModelError, match="holds no checkpoint: expected config.json"):
+        resolve_source(tmp_path)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ModelError, match="not a .gguf"):
+        resolve_source(tmp_path / "notes.txt")
+    with pytest.raises(ModelError, match="neither an existing path"):
+        resolve_source("./no/such/model")
+
+
+def test_hf_repo_id_resolves_from_the_local_cache(tiny_llama_dir, tmp_path, monkeypatch):
+    from huggingface_hub.constants import HF_HUB_CACHE  # noqa: F401  (cache dir read at call time below)
+
+    cache = tmp_path / "hub"
+    snap = cache / "models--meta-llama--Llama-3.2-1B-Instruct" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    for f in tiny_llama_dir.iterdir():
+        (snap / f.name).symlink_to(f)
+    (cache / "models--meta-llama--Llama-3.2-1B-Instruct" / "refs").mkdir()
+    (cache / "models--meta-llama--Llama-3.2-1B-Instruct" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub._snapshot_download.constants.HF_HUB_CACHE", str(cache), raising=False)
+    src = resolve_source("meta-llama/Llama-3.2-1B-Instruct")
+    assert src.kind == "folder" and src.path == snap and src.revision == "abc123"
+
+
+@pytest.mark.slow
+def test_gguf_file_loads_with_same_logits(tiny_llama_dir, llama_tokenizer_dir, tmp_path, llama_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers.gguf_export import export_gguf
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    path = export_gguf(model, llama_tokenizer_dir / "tokenizer.json", tmp_path / "tiny-llama-3.2.gguf")
+    r = Runner.load(str(path), device="cpu")
+    assert r.source.kind == "gguf" and r.dtype == torch.float32
+    ids = llama_tokenizer("The quick brown fox jumps over the lazy dog " * 3)["input_ids"]
+    text = "hello world <|eot_id|> สวัสดี"
+    assert r.tokenizer(text, add_special_tokens=False)["input_ids"] == llama_tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        got = r.model(torch.tensor([ids])).logits[0, -1]
+    torch.testing.assert_close(got, reference_logits(tiny_llama_dir, ids), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_meta_original_format_converts_on_load(tiny_llama_dir, llama_tokenizer_dir, llama_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers.meta_export import export_meta
+
+    untied = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    folder = export_meta(untied, llama_tokenizer_dir / "tokenizer.model", tmp_path / "original")
+    r = Runner.load(str(tmp_path), device="cpu", dtype="float32")  # finds original/ inside
+    assert r.source.kind == "meta"
+    text = "Héllo <|eot_id|> wörld 123 สวัสดี\n\n  code()"
+    assert r.tokenizer(text, add_special_tokens=False)["input_ids"] == llama_tokenizer(text, add_special_tokens=False)["input_ids"]
+    for i in (128000, 128006, 128009, 128011, 128255):
+        assert r.tokenizer.convert_ids_to_tokens(i) == llama_tokenizer.convert_ids_to_tokens(i)
+    ids = llama_tokenizer("one two three four five six")["input_ids"]
+    with torch.no_grad():
+        got = r.model(torch.tensor([ids])).logits[0, -1]
+    torch.testing.assert_close(got, reference_logits(tiny_llama_dir, ids), atol=1e-4, rtol=1e-4)
+    assert folder.name == "original"
+
+
+def test_cache_reuse_gives_identical_greedy_output(tiny_runner_factory):
+    warm, cold = tiny_runner_factory(), tiny_runner_factory()
+    msgs = chat("Tell me a story.")
+    first = reply(warm, msgs)
+    assert warm.last_stats.cached_tokens == 0
+    msgs += [{"role": "assistant", "content": first}, {"role": "user", "content": "Another, please."}]
+    second = reply(warm, msgs)
+    stats = warm.last_stats
+    assert stats.cached_tokens > stats.prompt_tokens // 2  # only the new turn was prefilled
+    cold_second = reply(cold, msgs)
+    assert cold.last_stats.cached_tokens == 0
+    assert second == cold_second
+    assert warm.last_reply_ids == cold.last_reply_ids
+
+
+def test_edit_regenerate_and_new_date_recompute_only_what_changed(tiny_runner_factory):
+    r = tiny_runner_factory()
+    msgs = chat("First question", "First answer", "Second question")
+    reply(r, msgs)
+    full = r.last_stats.prompt_tokens
+    reply(r, msgs)  # regenerate: everything but the last token is reused
+    assert r.last_stats.cached_tokens == full - 1
+    edited = chat("First question", "First answer", "Edited second question")
+    reply(r, edited)
+    assert 0 < r.last_stats.cached_tokens < full - 3
+    "".join(r.stream(edited, sampling=GREEDY, date=dt.date(2027, 1, 1)))
+    assert r.last_stats.cached_tokens < 30  # the date sits in the system header: recompute from there
+
+
+def test_cancellation_from_another_thread_stops_within_one_token(tiny_runner_factory):
+    r = tiny_runner_factory()
+    cancel = threading.Event()
+    seen = []
+    gen = r.stream(chat("Go on forever."), sampling=Sampling(temperature=0, max_new_tokens=400), date=DATE,
+                   cancel=cancel)
+    for delta in gen:
+        seen.append(delta)
+        if len(seen) == 3:
+            t = threading.Thread(target=cancel.set)
+            t.start()
+            t.join()
+    assert r.last_stats.stop_reason == "cancelled"
+    assert r.last_stats.new_tokens <= 4 + 3  # a few tokens may produce no visible delta
+    # The runner stays usable and its cache consistent after a stop.
+    msgs = chat("Go on forever.", "".join(seen), "Now stop.")
+    a = reply(r, msgs)
+    b = reply(tiny_runner_factory(), msgs)
+    assert a == b
+
+
+def test_context_trimming_drops_oldest_turns_never_the_system_prompt(tiny_runner_factory):
+    r = tiny_runner_factory(context_window=160)
+    long = "word " * 30
+    msgs = chat(long, long, long, long, "Last question?", system="SYSTEM-RULES")
+    ids, dropped = r.fit(msgs, date=DATE, max_new_tokens=12)
+    assert dropped >= 2 and len(ids) + 12 <= 160
+    text = r.tokenizer.decode(ids)
+    assert "SYSTEM-RULES" in text and "Last question?" in text
+    reply(r, msgs)
+    assert r.last_stats.trimmed and r.last_stats.dropped_messages == dropped
+    with pytest.raises(ContextError, match="does not fit the 160-token context window"):
+        reply(r, chat("word " * 400))
+
+
+def test_stream_is_correct_for_multibyte_text(tiny_runner_factory):
+    r = tiny_runner_factory()
+    deltas = list(r.stream(chat("สวัสดี नमस्ते 👩‍👩‍👧"), sampling=Sampling(temperature=1.0, seed=3, max_new_tokens=60),
+                           date=DATE))
+    assert "".join(deltas) == r.tokenizer.decode(r.last_reply_ids, skip_special_tokens=True)
+    assert all("\ufffd" not in d for d in deltas[:-1])
+
+
+def test_detokenizer_never_splits_a_character(llama_tokenizer):
+    from model.detok import TextStream
+
+    text = "ไทย: สวัสดีครับ. हिंदी: नमस्ते दुनिया. Emoji: 👩‍👩‍👧‍👦🇫🇷🙂. 日本語のテキスト."
+    ids = llama_tokenizer(text, add_special_tokens=False)["input_ids"]
+    stream = TextStream(llama_tokenizer)
+    deltas = [stream.push(i) for i in ids] + [stream.flush()]
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+    assert sum(1 for d in deltas if d) < len(ids)  # some tokens held back until a character completed
+
+
+def test_seeded_sampling_is_reproducible_and_validated(tiny_runner_factory):
+    r = tiny_runner_factory()
+    s = Sampling(temperature=0.8, top_p=0.9, top_k=40, seed=7, max_new_tokens=10)
+    assert reply(r, chat("hi"), s) == reply(r, chat("hi"), s)
+    with pytest.raises(ValueError, match="top_p"):
+        reply(r, chat("hi"), Sampling(top_p=1.5))
+
+
+@pytest.mark.slow
+def test_smollm2_answers_paris_and_reuses_cache(smollm2_gguf):
+    r = Runner.load(str(smollm2_gguf), device="cpu")
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    answer = reply(r, msgs, Sampling(temperature=0, max_new_tokens=30))
+    assert "Paris" in answer
+    msgs += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And of Germany?"}]
+    reply(r, msgs, Sampling(temperature=0, max_new_tokens=30))
+    assert r.last_stats.cached_tokens > 30
