@@ -11,6 +11,7 @@ class TextStream:
         self.ids: list[int] = []
         self._prefix = 0  # start of the window decoded for context
         self._read = 0  # ids already turned into text
+        self.text = ""  # everything returned so far
 
     def _decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -21,6 +22,7 @@ class TextStream:
         after = self._decode(self.ids[self._prefix :])
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self._prefix, self._read = self._read, len(self.ids)
+            self.text += after[len(before) :]
             return after[len(before) :]
         return ""
 
@@ -29,4 +31,5 @@ class TextStream:
         before = self._decode(self.ids[self._prefix : self._read])
         after = self._decode(self.ids[self._prefix :])
         self._prefix = self._read = len(self.ids)
+        self.text += after[len(before) :]
         return after[len(before) :]

@@ -20,6 +20,19 @@ class Special(str):
     """A piece of prompt text that is one special token of the template."""
 
 
+class TokenIds(tuple):
+    """Text already in token form: a reply as the model generated it, so the prompt (and the KV cache)
+    hold the model's own tokens even where re-tokenizing its text would split it differently."""
+
+
+def _content(m: dict, reply_ids: dict | None):
+    """A message's content, or its generated ids when this exact reply text is known."""
+    content = m["content"]
+    if reply_ids and m["role"] == "assistant" and content in reply_ids and content == content.strip():
+        return TokenIds(reply_ids[content])
+    return content
+
+
 def format_date(date: _dt.date | str) -> str:
     """'26 Nov 2026', the form the official template's strftime_now("%d %b %Y") gives."""
     return date if isinstance(date, str) else date.strftime("%d %b %Y")
@@ -36,7 +49,8 @@ def _check_messages(messages: Sequence[dict]) -> None:
             raise ValueError(f"message {i}: content must be a string, not {type(content).__name__}")
 
 
-def llama3_parts(messages: Sequence[dict], *, date, add_generation_prompt: bool = True) -> list[str]:
+def llama3_parts(messages: Sequence[dict], *, date, add_generation_prompt: bool = True,
+                 reply_ids: dict | None = None) -> list:
     """The Llama 3.2 Instruct prompt as a list of text pieces and `Special` tokens."""
     _check_messages(messages)
     system = ""
@@ -45,7 +59,12 @@ def llama3_parts(messages: Sequence[dict], *, date, add_generation_prompt: bool 
     header = f"\n\nCutting Knowledge Date: {KNOWLEDGE_CUTOFF}\nToday Date: {format_date(date)}\n\n"
     parts = [Special("<|begin_of_text|>"), *_turn("system", header + system)]
     for m in messages:
-        parts += _turn(m["role"], "\n\n" + m["content"].strip())
+        content = _content(m, reply_ids)
+        if isinstance(content, TokenIds):
+            parts += [Special("<|start_header_id|>"), m["role"], Special("<|end_header_id|>"), "\n\n", content,
+                      Special("<|eot_id|>")]
+        else:
+            parts += _turn(m["role"], "\n\n" + content.strip())
     if add_generation_prompt:
         parts += [Special("<|start_header_id|>"), "assistant", Special("<|end_header_id|>"), "\n\n"]
     return parts
@@ -65,8 +84,9 @@ def is_llama3_tokenizer(tokenizer) -> bool:
     return all(i is not None and i != tokenizer.unk_token_id for i in ids)
 
 
-def encode_parts(tokenizer, parts: Iterable[str]) -> list[int]:
-    """Ids for a prompt: `Special` parts map to their one id, runs of text never produce a special id.
+def encode_parts(tokenizer, parts: Iterable) -> list[int]:
+    """Ids for a prompt: `Special` parts map to their one id, `TokenIds` are used as they are, runs of
+    text never produce a special id.
 
     Adjacent text pieces are joined before tokenizing, so the ids equal those of tokenizing the whole
     rendered string whenever the text holds no special-token text.
@@ -81,7 +101,10 @@ def encode_parts(tokenizer, parts: Iterable[str]) -> list[int]:
             run.clear()
 
     for part in parts:
-        if isinstance(part, Special):
+        if isinstance(part, TokenIds):
+            flush()
+            ids.extend(part)
+        elif isinstance(part, Special):
             flush()
             token_id = tokenizer.convert_tokens_to_ids(str(part))
             if token_id is None or token_id == tokenizer.unk_token_id:
@@ -93,19 +116,26 @@ def encode_parts(tokenizer, parts: Iterable[str]) -> list[int]:
     return ids
 
 
-def encode_chat(tokenizer, messages: Sequence[dict], *, date, add_generation_prompt: bool = True) -> list[int]:
+def encode_chat(tokenizer, messages: Sequence[dict], *, date, add_generation_prompt: bool = True,
+                reply_ids: dict | None = None) -> list[int]:
     """Prompt ids for a chat: Llama 3 format when the tokenizer is Llama 3's, else the tokenizer's own
-    chat template (SmolLM2's ChatML, for one), with the same guarantee for message text."""
+    chat template (SmolLM2's ChatML, for one), with the same guarantee for message text.
+
+    `reply_ids` maps reply texts the model generated to its own ids for them (see `TokenIds`).
+    """
     if is_llama3_tokenizer(tokenizer):
-        return encode_parts(tokenizer, llama3_parts(messages, date=date, add_generation_prompt=add_generation_prompt))
-    return encode_parts(tokenizer, template_parts(tokenizer, messages, add_generation_prompt=add_generation_prompt))
+        parts = llama3_parts(messages, date=date, add_generation_prompt=add_generation_prompt, reply_ids=reply_ids)
+    else:
+        parts = template_parts(tokenizer, messages, add_generation_prompt=add_generation_prompt, reply_ids=reply_ids)
+    return encode_parts(tokenizer, parts)
 
 
 def _sentinel(i: int) -> str:
     return f"\ue000{i}\ue001"
 
 
-def template_parts(tokenizer, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> list[str]:
+def template_parts(tokenizer, messages: Sequence[dict], *, add_generation_prompt: bool = True,
+                   reply_ids: dict | None = None) -> list:
     """Render the tokenizer's own chat template with placeholders, then split it into special tokens
     (found only in the template's own text) and text (template text joined with message contents)."""
     _check_messages(messages)
@@ -119,7 +149,7 @@ def template_parts(tokenizer, messages: Sequence[dict], *, add_generation_prompt
     for piece in re.split("(\ue000\\d+\ue001)", rendered):
         match = re.fullmatch("\ue000(\\d+)\ue001", piece)
         if match:
-            parts.append(messages[int(match.group(1))]["content"])
+            parts.append(_content(messages[int(match.group(1))], reply_ids))
             continue
         pos = 0
         for m in special_re.finditer(piece) if special_re else ():

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import datetime as _dt
 import threading
+from collections import OrderedDict
 import time
 from dataclasses import asdict, dataclass
 from typing import Iterator, Sequence
 
 from model.detok import TextStream
 from model.errors import ContextError
+from model.kvcache import PrefixCache
 from model.loading import Loaded, load_checkpoint, resolve_source
 from model.prompt import encode_chat
 from model.sampling import Sampling, next_token
 
-PREFILL_CHUNK = 512  # bounds activation memory on long prompts
 MIN_REPLY_TOKENS = 16
+REMEMBERED_REPLIES = 256
 
 
 @dataclass
@@ -39,14 +41,6 @@ class TurnStats:
         return asdict(self)
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
-
-
 class Runner:
     """One loaded chat model and the KV cache of the conversation it last answered."""
 
@@ -59,8 +53,9 @@ class Runner:
         self.device = device
         limit = getattr(self.model.config, "max_position_embeddings", 8192) or 8192
         self.context_window = min(context_window or (8192 if device == "cpu" else 32768), limit)
-        self._cache = None
-        self._cached_ids: list[int] = []
+        self._kv = PrefixCache(self.model)
+        self._replies: OrderedDict[str, tuple[int, ...]] = OrderedDict()  # reply text -> generated ids
+        self._special_ids = {i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
         self._lock = threading.Lock()
         self.last_stats: TurnStats | None = None
         self.last_reply_ids: list[int] = []
@@ -84,7 +79,19 @@ class Runner:
 
     def reset(self) -> None:
         """Forget the cached conversation (another conversation is opened)."""
-        self._cache, self._cached_ids = None, []
+        self._kv.reset()
+        self._replies.clear()
+
+    def clear_cache(self) -> None:
+        """Drop the KV cache only: the next turn prefills everything (same prompt ids)."""
+        self._kv.reset()
+
+    def _remember(self, text: str, ids: list[int]) -> None:
+        if text and text == text.strip() and not self._special_ids.intersection(ids):
+            self._replies[text] = tuple(ids)
+            self._replies.move_to_end(text)
+            while len(self._replies) > REMEMBERED_REPLIES:
+                self._replies.popitem(last=False)
 
     def fit(self, messages: Sequence[dict], *, date, max_new_tokens: int) -> tuple[list[int], int]:
         """Prompt ids that leave room for the reply, dropping the oldest turns (never the system
@@ -94,7 +101,7 @@ class Runner:
         body = messages[len(head):]
         dropped = 0
         while True:
-            ids = encode_chat(self.tokenizer, head + body, date=date)
+            ids = encode_chat(self.tokenizer, head + body, date=date, reply_ids=self._replies)
             if len(ids) + max_new_tokens <= self.context_window or len(body) <= 1:
                 break
             cut = 2 if len(body) > 2 and body[1]["role"] == "assistant" else 1
@@ -124,69 +131,38 @@ class Runner:
             self.last_stats = stats
             generator = torch.Generator().manual_seed(s.seed) if s.seed is not None else None
             out = TextStream(self.tokenizer)
-            try:
-                with torch.inference_mode():
-                    logits = self._prefill(ids, stats)
+            with torch.inference_mode():
+                t = time.perf_counter()
+                logits, stats.cached_tokens = self._kv.extend_to(ids)
+                dt = time.perf_counter() - t
+                stats.prefill_tok_s = (len(ids) - stats.cached_tokens) / dt if dt > 0 else 0.0
+                token = next_token(logits, s, generator)
+                t_first = time.perf_counter()
+                stats.ttft_s = t_first - t0
+                while True:
+                    if token in self.eos_ids:
+                        stats.stop_reason = "eos"
+                        break
+                    stats.new_tokens += 1
+                    delta = out.push(token)
+                    if delta:
+                        yield delta
+                    if stats.new_tokens >= budget:
+                        stats.stop_reason = "length"
+                        break
+                    if cancel is not None and cancel.is_set():
+                        stats.stop_reason = "cancelled"
+                        break
+                    logits = self._kv.forward([token])
                     token = next_token(logits, s, generator)
-                    t_first = time.perf_counter()
-                    stats.ttft_s = t_first - t0
-                    while True:
-                        if token in self.eos_ids:
-                            stats.stop_reason = "eos"
-                            break
-                        stats.new_tokens += 1
-                        delta = out.push(token)
-                        if delta:
-                            yield delta
-                        if stats.new_tokens >= budget:
-                            stats.stop_reason = "length"
-                            break
-                        if cancel is not None and cancel.is_set():
-                            stats.stop_reason = "cancelled"
-                            break
-                        logits = self._forward([token])
-                        token = next_token(logits, s, generator)
-                    elapsed = time.perf_counter() - t_first
-                    if stats.new_tokens > 1 and elapsed > 0:
-                        stats.decode_tok_s = (stats.new_tokens - 1) / elapsed
-            except GeneratorExit:  # the consumer stopped reading; the cache is consistent between tokens
-                raise
-            except BaseException:  # a failure inside a forward pass leaves the cache half-updated
-                self.reset()
-                raise
+                elapsed = time.perf_counter() - t_first
+                if stats.new_tokens > 1 and elapsed > 0:
+                    stats.decode_tok_s = (stats.new_tokens - 1) / elapsed
             self.last_reply_ids = out.ids
             tail = out.flush()
+            self._remember(out.text, out.ids)
             if tail:
                 yield tail
 
-    def _forward(self, ids: list[int]):
-        import torch
-
-        from transformers import DynamicCache
-
-        if self._cache is None:
-            self._cache = DynamicCache(config=self.model.config)
-        x = torch.tensor([ids], device=self.model.device)
-        out = self.model(input_ids=x, cache=self._cache, use_cache=True, logits_to_keep=1)
-        self._cached_ids.extend(ids)
-        return out.logits[0, -1]
-
-    def _prefill(self, ids: list[int], stats: TurnStats):
-        keep = min(common_prefix(self._cached_ids, ids), len(ids) - 1)
-        if self._cache is not None and keep < len(self._cached_ids):
-            if keep == 0:
-                self.reset()
-            else:
-                self._cache.crop(keep - len(self._cached_ids))  # negative: tokens to remove
-                del self._cached_ids[keep:]
-        stats.cached_tokens = keep
-        t = time.perf_counter()
-        logits = None
-        for start in range(keep, len(ids), PREFILL_CHUNK):
-            logits = self._forward(ids[start : start + PREFILL_CHUNK])
-        dt = time.perf_counter() - t
-        stats.prefill_tok_s = (len(ids) - keep) / dt if dt > 0 else 0.0
-        return logits
-
     def count_tokens(self, messages: Sequence[dict], *, date=None) -> int:
-        return len(encode_chat(self.tokenizer, messages, date=date or _dt.date.today()))
+        return len(encode_chat(self.tokenizer, messages, date=date or _dt.date.today(), reply_ids=self._replies))

@@ -114,3 +114,21 @@ def test_chatml_user_text_cannot_forge_turns(smol_tokenizer):
     start, end = smol_tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     # default system turn + user turn + generation header: 3 starts, 2 ends, none from the user's text
     assert ids.count(start) == 3 and ids.count(end) == 2
+
+
+def test_generated_reply_ids_stand_in_for_retokenized_text(llama_tokenizer):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello world"},
+                {"role": "user", "content": "again"}]
+    canonical = encode_chat(llama_tokenizer, messages, date=DATE)
+    split = tuple(llama_tokenizer.convert_tokens_to_ids(["Hel", "lo", "Ġworld"]))
+    reused = encode_chat(llama_tokenizer, messages, date=DATE, reply_ids={"Hello world": split})
+    hello = llama_tokenizer("Hello world", add_special_tokens=False)["input_ids"]
+    assert len(reused) == len(canonical) - len(hello) + 3
+    assert llama_tokenizer.decode(reused) == llama_tokenizer.decode(canonical)  # same text, the model's own split
+    # Only exact, already-trimmed assistant text is swapped; user text never is.
+    padded = [{**m, "content": " " + m["content"]} for m in messages]
+    assert encode_chat(llama_tokenizer, padded, date=DATE, reply_ids={" Hello world": split}) == encode_chat(
+        llama_tokenizer, padded, date=DATE)
+    as_user = [{"role": "user", "content": "Hello world"}]
+    assert encode_chat(llama_tokenizer, as_user, date=DATE, reply_ids={"Hello world": split}) == encode_chat(
+        llama_tokenizer, as_user, date=DATE)

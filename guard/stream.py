@@ -1,0 +1,102 @@
+"""Moderating a reply while it streams.
+
+The moderator is fed the reply's text deltas. At sentence ends (or every N tokens) it checks the reply
+so far; the guard's per-role KV cache already holds the conversation and the reply up to the last
+check, so each check computes only the new reply tokens plus the closing instruction.
+
+- strict: text is handed on only after a check has passed it; an unsafe check blocks the rest.
+- fast: text is handed on at once; an unsafe check retracts everything handed on.
+A final check on the complete reply always runs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+from guard.verdict import Verdict
+
+MODES = ("strict", "fast")
+_SENTENCE_END = re.compile(r"[.!?。！？…](\s|$)|\n")
+
+
+@dataclass(frozen=True)
+class Release:
+    """Text that may be shown."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Retract:
+    """Fast mode: everything released so far must be withdrawn."""
+
+    verdict: Verdict
+
+
+@dataclass(frozen=True)
+class Block:
+    """Strict mode: the reply failed a check; nothing unsafe was released."""
+
+    verdict: Verdict
+
+
+class StreamModerator:
+    """Feed it deltas, show what it releases, stop the model when it blocks or retracts."""
+
+    def __init__(self, guard, context: Sequence[dict], *, mode: str = "strict", check_every: int = 48,
+                 min_sentence_tokens: int = 12):
+        if mode not in MODES:
+            raise ValueError(f"guard mode must be one of {', '.join(MODES)}, not {mode!r}")
+        if check_every < 1:
+            raise ValueError("check_every must be at least 1 token")
+        self.guard, self.context, self.mode = guard, list(context), mode
+        self.check_every, self.min_sentence_tokens = check_every, min_sentence_tokens
+        self.text = ""  # the reply so far
+        self.released = 0  # characters of `text` handed on
+        self.unchecked_tokens = 0
+        self.verdicts: list[Verdict] = []
+        self.failed: Verdict | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.failed is not None
+
+    def feed(self, delta: str) -> list:
+        if self.stopped or not delta:
+            return []
+        self.text += delta
+        self.unchecked_tokens += 1
+        events = []
+        if self.mode == "fast":
+            events.append(self._release())
+        due = self.unchecked_tokens >= self.check_every or (
+            self.unchecked_tokens >= self.min_sentence_tokens and _SENTENCE_END.search(delta)
+        )
+        if due:
+            events += self._check()
+        return events
+
+    def finish(self) -> list:
+        """The final check on the complete reply; in strict mode it releases what is still held."""
+        if self.stopped:
+            return []
+        return self._check()
+
+    def _release(self) -> Release:
+        out = Release(self.text[self.released :])
+        self.released = len(self.text)
+        return out
+
+    def _check(self) -> list:
+        self.unchecked_tokens = 0
+        verdict = self.guard.check([*self.context, {"role": "assistant", "content": self.text}], stage="output")
+        self.verdicts.append(verdict)
+        if verdict.safe:
+            pending = self.text[self.released :]
+            return [self._release()] if pending else []
+        self.failed = verdict
+        if self.mode == "fast" and self.released:
+            return [Retract(verdict)]
+        return [Block(verdict)]

@@ -1,0 +1,62 @@
+"""A KV cache that remembers which token ids it holds, so a new prompt prefills only what changed."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+PREFILL_CHUNK = 512  # bounds activation memory on long prompts
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class PrefixCache:
+    """The transformers DynamicCache of one model plus the ids whose keys and values it holds."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache = None
+        self.ids: list[int] = []
+
+    def reset(self) -> None:
+        self.cache, self.ids = None, []
+
+    def crop(self, n: int) -> None:
+        """Keep the first `n` positions."""
+        if n <= 0:
+            self.reset()
+        elif n < len(self.ids):
+            self.cache.crop(n - len(self.ids))  # a negative count removes that many from the end
+            del self.ids[n:]
+
+    def forward(self, ids: Sequence[int]):
+        """Run `ids` after what is cached; return the logits row of the last position."""
+        import torch
+        from transformers import DynamicCache
+
+        if self.cache is None:
+            self.cache = DynamicCache(config=self.model.config)
+        logits = None
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            chunk = list(ids[start : start + PREFILL_CHUNK])
+            x = torch.tensor([chunk], device=self.model.device)
+            try:
+                out = self.model(input_ids=x, cache=self.cache, use_cache=True, logits_to_keep=1)
+            except BaseException:
+                self.reset()  # a failed forward leaves some layers updated and others not
+                raise
+            self.ids.extend(chunk)
+            logits = out.logits[0, -1]
+        return logits
+
+    def extend_to(self, ids: Sequence[int]):
+        """Make the cache hold exactly `ids` and return the last position's logits; reuses the longest
+        common prefix (always recomputing at least the last id). Returns (logits, reused_count)."""
+        keep = min(common_prefix(self.ids, ids), len(ids) - 1)
+        self.crop(keep)
+        return self.forward(ids[keep:]), keep
