@@ -1,8 +1,11 @@
 """Llama Guard 3 classification: one forward pass for P(unsafe), a short decode only when unsafe.
 
 The prompt head (policy and task line, one per judged role) stays in a per-role KV cache, so a check
-computes only the conversation, the fixed tail and the `\\n\\n` token the model writes first. Any
-error while screening returns a blocking verdict: the guard fails closed.
+computes only the conversation, the fixed tail and the `\\n\\n` token the model writes first, and
+only the two output rows that matter ('safe', 'unsafe'). Because that fast path cannot see a model
+that answers something else entirely, loading runs a self-test on the full vocabulary and refuses a
+model that does not answer like Llama Guard. Any error while screening returns a blocking verdict:
+the guard fails closed.
 """
 
 from __future__ import annotations
@@ -14,13 +17,14 @@ from typing import Sequence
 
 from guard.categories import LLAMA_GUARD_3_CATEGORIES
 from guard.prompt import check_conversation, conversation_text, head_parts, judged_role, tail_parts
-from guard.verdict import UNREADABLE, Verdict, parse_verdict
+from guard.verdict import Verdict, parse_verdict
 from model.errors import LlamaChatError
 from model.kvcache import PrefixCache
 from model.prompt import encode_parts, is_llama3_tokenizer
 
 DEFAULT_GUARD = "meta-llama/Llama-Guard-3-1B"
 MAX_CATEGORY_TOKENS = 12
+SELF_TEST = [{"role": "user", "content": "Hello! Can you recommend a good book about the history of tea?"}]
 
 
 class GuardError(LlamaChatError):
@@ -55,7 +59,10 @@ class Guard:
     def __init__(self, model, tokenizer, *, name: str, settings: GuardSettings | None = None):
         if not is_llama3_tokenizer(tokenizer):
             raise GuardError(f"{name} does not have the Llama 3 tokenizer Llama Guard 3 needs.")
+        from guard.fastpath import optimise_for_checks
+
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        optimise_for_checks(model)
         self.settings = settings or GuardSettings()
         self._nn = self._single_token("\n\n")
         self._safe, self._unsafe = self._single_token("safe"), self._single_token("unsafe")
@@ -86,12 +93,23 @@ class Guard:
         return ids[0]
 
     def warm(self) -> None:
-        """Compute both prompt heads once; every later check reuses their KV."""
+        """Compute both prompt heads once (every later check reuses their KV), then check on the full
+        vocabulary that the model's verdict token is 'safe' or 'unsafe', as Llama Guard's is."""
         import torch
 
         with self._lock, torch.inference_mode():
             for role, kv in self._kv.items():
                 kv.extend_to(self._heads[role])
+            ids = self._heads["User"] + self._encode_conversation(SELF_TEST) + self._tails["User"] + [self._nn]
+            probs = torch.softmax(self._kv["User"].extend_to(ids)[0].float(), dim=-1)
+        mass = float(probs[self._safe] + probs[self._unsafe])
+        if mass < 0.5:
+            top = self.tokenizer.decode([int(torch.argmax(probs))])
+            raise GuardError(
+                f"{self.name} does not answer like Llama Guard 3: its verdict token was {top!r}, not 'safe' or "
+                f"'unsafe' (they got {mass:.0%} of the probability). Point the guard at Llama-Guard-3-1B.",
+                title="Not a guard model",
+            )
 
     # -- scoring ---------------------------------------------------------------------------------
     def _encode_conversation(self, messages: Sequence[dict]) -> list[int]:
@@ -106,21 +124,17 @@ class Guard:
         kv = self._kv[role]
         ids = self._heads[role] + self._encode_conversation(messages) + self._tails[role] + [self._nn]
         with torch.inference_mode():
-            logits, _ = kv.extend_to(ids)
-            probs = torch.softmax(logits.float(), dim=-1)
-            score = float(probs[self._unsafe])
-            top = int(torch.argmax(probs))
-            if top not in (self._safe, self._unsafe):
-                return Verdict(False, score=score, reason=UNREADABLE, raw=self._decode_from(kv, top))
+            logits, _ = kv.extend_to(ids, rows=(self._safe, self._unsafe))
+            score = float(torch.softmax(logits.float(), dim=-1)[1])  # P(unsafe) between the two answers
             if score < self.settings.threshold:
                 return Verdict(True, score=score, raw="safe")
-            raw = "unsafe" + self._decode_from(kv, self._unsafe)[len("unsafe"):]
+            raw = self._decode_from(kv, self._unsafe)
         allowed = [c for c in self.settings.policy if c not in self.settings.excluded]
         v = parse_verdict(raw, allowed, self.settings.excluded, self.settings.policy)
         return Verdict(v.safe, v.categories, v.category_names, score, reason=v.reason, raw=raw)
 
     def _decode_from(self, kv: PrefixCache, first: int) -> str:
-        """Greedy decode after the verdict token, for the category line (or to show what went wrong)."""
+        """Greedy decode after the verdict token, on the full vocabulary, for the category line."""
         import torch
 
         out, token = [first], first

@@ -45,8 +45,8 @@ class Block:
 class StreamModerator:
     """Feed it deltas, show what it releases, stop the model when it blocks or retracts."""
 
-    def __init__(self, guard, context: Sequence[dict], *, mode: str = "strict", check_every: int = 48,
-                 min_sentence_tokens: int = 12):
+    def __init__(self, guard, context: Sequence[dict], *, mode: str = "strict", check_every: int = 64,
+                 min_sentence_tokens: int = 24):
         if mode not in MODES:
             raise ValueError(f"guard mode must be one of {', '.join(MODES)}, not {mode!r}")
         if check_every < 1:

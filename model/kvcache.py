@@ -34,8 +34,9 @@ class PrefixCache:
             self.cache.crop(n - len(self.ids))  # a negative count removes that many from the end
             del self.ids[n:]
 
-    def forward(self, ids: Sequence[int]):
-        """Run `ids` after what is cached; return the logits row of the last position."""
+    def forward(self, ids: Sequence[int], rows: Sequence[int] | None = None):
+        """Run `ids` after what is cached; return the logits of the last position: the whole vocabulary,
+        or only the output rows `rows` (the rest of the output layer is then never read)."""
         import torch
         from transformers import DynamicCache
 
@@ -45,18 +46,24 @@ class PrefixCache:
         for start in range(0, len(ids), PREFILL_CHUNK):
             chunk = list(ids[start : start + PREFILL_CHUNK])
             x = torch.tensor([chunk], device=self.model.device)
+            last = start + PREFILL_CHUNK >= len(ids)
             try:
-                out = self.model(input_ids=x, cache=self.cache, use_cache=True, logits_to_keep=1)
+                if rows is not None and last:
+                    hidden = self.model.get_decoder()(input_ids=x, cache=self.cache, use_cache=True).last_hidden_state
+                    weight = self.model.get_output_embeddings().weight[list(rows)]
+                    logits = torch.nn.functional.linear(hidden[0, -1], weight)
+                else:
+                    logits = self.model(input_ids=x, cache=self.cache, use_cache=True, logits_to_keep=1).logits[0, -1]
             except BaseException:
                 self.reset()  # a failed forward leaves some layers updated and others not
                 raise
             self.ids.extend(chunk)
-            logits = out.logits[0, -1]
         return logits
 
-    def extend_to(self, ids: Sequence[int]):
-        """Make the cache hold exactly `ids` and return the last position's logits; reuses the longest
-        common prefix (always recomputing at least the last id). Returns (logits, reused_count)."""
+    def extend_to(self, ids: Sequence[int], rows: Sequence[int] | None = None):
+        """Make the cache hold exactly `ids` and return the last position's logits (see `forward`);
+        reuses the longest common prefix, always recomputing at least the last id.
+        Returns (logits, reused_count)."""
         keep = min(common_prefix(self.ids, ids), len(ids) - 1)
         self.crop(keep)
-        return self.forward(ids[keep:]), keep
+        return self.forward(ids[keep:], rows), keep

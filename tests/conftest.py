@@ -113,3 +113,18 @@ def tiny_runner_factory(tiny_llama_dir):
         return Runner.load(str(tiny_llama_dir), device="cpu", dtype="float32", **kw)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_guard_dir(tmp_path_factory, llama_tokenizer_dir) -> Path:
+    """A tiny Llama trained (~40 s) to answer like Llama Guard 3: unsafe/S1 when the keyword appears."""
+    from tests.helpers.tiny_guard import train_tiny_guard
+
+    return train_tiny_guard(tmp_path_factory.mktemp("tiny-guard"), llama_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_guard(tiny_guard_dir):
+    from guard.classifier import Guard
+
+    return Guard.load(str(tiny_guard_dir), device="cpu", dtype="float32")

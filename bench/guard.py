@@ -1,0 +1,114 @@
+"""`python -m bench.guard [--quick]`: Llama Guard 3 checks on a Llama-Guard-3-1B-shaped model with
+random weights. Compares one input check (cached prompt head + one forward pass) with plain
+generate() producing the 3 tokens of a real "safe" verdict, and measures what streaming moderation
+adds to a 256-token reply at the runner's decode speed. Prints JSON; the last line is the summary."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import time
+
+from bench.common import LLAMA_1B, QUICK, emit, env_note, llama_tokenizer, peak_rss_mb, random_llama, threads
+
+MESSAGES = [
+    "How do I bake sourdough bread at home without a proper oven?",
+    "What is a good way to learn the basics of linear algebra fast?",
+    "Can you suggest a weekend itinerary for a first visit to Lisbon?",
+    "Why does my Python script get slower when the list gets longer?",
+    "Write a short poem about autumn leaves falling in the park please.",
+    "What are the health benefits of drinking green tea every day?",
+    "Explain the difference between a virus and a bacterium simply.",
+]
+PROSE = ("The river bends twice before it reaches the town. Fishermen leave at dawn, when the water is still. "
+         "By noon the market fills with voices and the smell of bread. Children race along the old stone wall! "
+         "Visitors often ask where the bridge came from. Nobody quite remembers, but everyone has a story. ")
+
+
+def steer_to_safe(model, safe_id: int) -> None:
+    """Random weights answer neither 'safe' nor 'unsafe', so the guard's load-time self-test would refuse
+    them. Raise the 'safe' logit of the full output layer so the self-test passes; the threshold set in
+    main() keeps each timed check on the path a real 'safe' verdict takes (one forward, two rows)."""
+
+    def hook(_module, _inputs, output):
+        output[..., safe_id] += 1e4
+        return output
+
+    model.lm_head.register_forward_hook(hook)
+
+
+def baseline_check(model, ids) -> float:
+    import torch
+
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(torch.tensor([ids]), max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.guard", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="small shapes: under a minute")
+    p.add_argument("--reply-tokens", type=int, default=256)
+    args = p.parse_args(argv)
+
+    from guard.classifier import Guard, GuardSettings
+    from guard.prompt import encode_guard_prompt
+    from guard.stream import StreamModerator
+    from model.device import configure_threads, pick_dtype
+    from model.loading import Loaded, Source
+    from model.runner import Runner
+    from model.sampling import Sampling
+
+    configure_threads("cpu")
+    dtype = pick_dtype("auto", "cpu")
+    shape = QUICK if args.quick else LLAMA_1B
+    tok = llama_tokenizer()
+    guard_model = random_llama(shape, dtype=dtype, tied=False, seed=1)
+    steer_to_safe(guard_model, tok("safe", add_special_tokens=False)["input_ids"][0])
+    t0 = time.perf_counter()
+    guard = Guard(guard_model, tok, name="random-llama-guard-3-1b-shape", settings=GuardSettings(threshold=0.9999999))
+    head_s = time.perf_counter() - t0  # both heads plus the self-test
+
+    checks, baselines = [], []
+    for text in MESSAGES[: 3 if args.quick else len(MESSAGES)]:
+        msgs = [{"role": "user", "content": text}]
+        v = guard.check(msgs)
+        assert v.safe, v
+        checks.append(v.latency_s)
+        baselines.append(baseline_check(guard_model, encode_guard_prompt(tok, msgs)))
+        emit({"message_tokens": len(tok(text, add_special_tokens=False)["input_ids"]), "check_s": round(v.latency_s, 4),
+              "baseline_check_s": round(baselines[-1], 4)})
+    check_s, baseline_s = statistics.median(checks), statistics.median(baselines)
+
+    # The runner's decode speed on the chat model's shape sets how long a reply takes to stream.
+    chat = Runner(Loaded(random_llama(shape, dtype=dtype), tok, Source("folder", None, "random"), (-1,), {}),
+                  device="cpu")
+    "".join(chat.stream([{"role": "user", "content": "Hi"}], sampling=Sampling(temperature=0, max_new_tokens=48),
+                        date=dt.date(2026, 11, 26)))
+    runner_tok_s = chat.last_stats.decode_tok_s
+    reply_ids = tok(PROSE * 8, add_special_tokens=False)["input_ids"][: args.reply_tokens]
+    deltas = [tok.decode(reply_ids[i : i + 1]) for i in range(len(reply_ids))]
+    moderator = StreamModerator(guard, [{"role": "user", "content": MESSAGES[0]}], mode="strict")
+    t0 = time.perf_counter()
+    for d in deltas:
+        moderator.feed(d)
+    moderator.finish()
+    moderation_s = time.perf_counter() - t0
+    reply_s = len(reply_ids) / runner_tok_s
+
+    emit({
+        "shape": "llama-guard-3-1b" if not args.quick else "quick", **shape, "untied_output": True,
+        "dtype": str(dtype).replace("torch.", ""), "threads": threads(),
+        "check_s": round(check_s, 4), "baseline_check_s": round(baseline_s, 4), "speedup": round(baseline_s / check_s, 2),
+        "head_precompute_s": round(head_s, 3), "head_tokens": len(guard._heads["User"]),
+        "stream_checks": len(moderator.verdicts), "stream_moderation_s": round(moderation_s, 3),
+        "reply_tokens": len(reply_ids), "runner_decode_tok_s": round(runner_tok_s, 2), "reply_s": round(reply_s, 2),
+        "stream_overhead": round(moderation_s / reply_s, 4), "peak_rss_mb": round(peak_rss_mb(), 1), **env_note(),
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
