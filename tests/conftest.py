@@ -128,3 +128,31 @@ def tiny_guard(tiny_guard_dir):
     from guard.classifier import Guard
 
     return Guard.load(str(tiny_guard_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def keyword_llama_dir(tmp_path_factory, llama_tokenizer_dir) -> Path:
+    """A tiny Llama (untied output layer) whose output layer knows two words, the guard's keyword and
+    '.': every reply it writes mentions the keyword, so the guard must block it."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from tests.helpers.tiny_guard import KEYWORD
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_tokenizer_dir)
+    (kw,) = tokenizer(" " + KEYWORD, add_special_tokens=False)["input_ids"]
+    (dot,) = tokenizer(".", add_special_tokens=False)["input_ids"]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(tied=False)).float()
+    with torch.no_grad():
+        u = torch.randn(model.config.hidden_size)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[kw] = u
+        model.lm_head.weight[dot] = -u
+    folder = tmp_path_factory.mktemp("keyword-llama")
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(llama_tokenizer_dir / name, folder / name)
+    return folder

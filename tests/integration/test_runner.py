@@ -45,7 +45,7 @@ def test_loads_folder_with_generation_defaults_and_eos(tiny_runner_factory):
 
 
 def test_missing_sources_say_what_was_looked_for(tmp_path):
-    with pytest.raises(ModelError, match="not in the local Hugging Face cache.*llama-chat download"):
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache.*`llama-chat download`"):
         resolve_source("meta-llama/Llama-3.2-1B-Instruct")
     with pytest.raises(ModelError, match="holds no checkpoint: expected config.json"):
         resolve_source(tmp_path)

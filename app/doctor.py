@@ -1,0 +1,42 @@
+"""`llama-chat doctor`: what this machine and installation look like to llama-chat."""
+
+from __future__ import annotations
+
+import platform
+
+
+def _model_state(source: str) -> str:
+    from model.errors import ModelError
+    from model.loading import resolve_source
+
+    try:
+        src = resolve_source(source)
+        return f"present ({src.kind}: {src.path})"
+    except ModelError as e:
+        return f"missing: {e.message}"
+
+
+def report(config) -> str:
+    import torch
+    import transformers
+
+    from app.paths import cache_dir, config_file, data_dir, database_file
+    from model.device import cpu_has_native_bf16, physical_cores, pick_device, pick_dtype
+
+    device = pick_device(config.model.device)
+    lines = [
+        f"python        {platform.python_version()} on {platform.system()} {platform.machine()}",
+        f"torch         {torch.__version__}   transformers {transformers.__version__}",
+        f"device        {device} (asked: {config.model.device}); CUDA {'yes' if torch.cuda.is_available() else 'no'}",
+        f"dtype         {str(pick_dtype(config.model.dtype, device)).replace('torch.', '')} "
+        f"(asked: {config.model.dtype}; native CPU bf16: {'yes' if cpu_has_native_bf16() else 'no'})",
+        f"cpu threads   {physical_cores()} physical cores",
+        f"chat model    {config.model.source}: {_model_state(config.model.source)}",
+        f"guard         {'on' if config.guard.enabled else 'OFF (replies are not screened)'}, mode {config.guard.mode}, "
+        f"threshold {config.guard.threshold}, excluded {', '.join(config.guard.excluded) or 'none'}",
+        f"guard model   {config.guard.source}: {_model_state(config.guard.source)}",
+        f"config file   {config_file()}{'' if config_file().is_file() else ' (not created; defaults in use)'}",
+        f"history       {database_file()}",
+        f"data / cache  {data_dir()} / {cache_dir()}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,32 @@
+"""Model downloads from the Hugging Face Hub: the one thing llama-chat sends over the network."""
+
+from __future__ import annotations
+
+from app.errors import LlamaChatError
+
+# The transformers-format files; Meta's original/ copy would double the download.
+PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.md"]
+
+
+class DownloadError(LlamaChatError):
+    title = "Download failed"
+
+
+def download(repo_id: str) -> str:
+    """Download (or resume) `repo_id` into the HF cache with a progress bar; returns the local folder."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=PATTERNS)
+    except GatedRepoError as e:
+        raise DownloadError(
+            f"{repo_id} is gated. Open https://huggingface.co/{repo_id}, accept the Llama 3.2 Community License "
+            "with your account, create a read token at https://huggingface.co/settings/tokens, then run "
+            "`hf auth login` (or `huggingface-cli login`) or set HF_TOKEN, and try again.",
+            title="License acceptance needed",
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise DownloadError(f"{repo_id} was not found on the Hugging Face Hub (or your token cannot see it).") from e
+    except (HfHubHTTPError, OSError) as e:
+        raise DownloadError(f"Downloading {repo_id} failed: {e}. Run the same command again to resume.") from e

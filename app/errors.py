@@ -1,0 +1,15 @@
+"""The app's error classes; all are `LlamaChatError`s with a message a user can act on."""
+
+from model.errors import LlamaChatError, ModelError  # noqa: F401  (re-exported for the app)
+
+
+class ConfigError(LlamaChatError):
+    title = "Configuration error"
+
+
+class HistoryError(LlamaChatError):
+    title = "History error"
+
+
+class SessionError(LlamaChatError):
+    title = "Chat error"

@@ -1,0 +1,284 @@
+"""One chat turn: the user's message is stored and screened, the model answers while the reply is
+screened as it streams, and everything (text, status, stats, every verdict) is stored.
+
+The session yields typed events for the UI and the CLI. What the guard blocks is shown as a refusal
+and never re-enters the model's context: the context holds only exchanges whose message passed and
+whose reply completed (or was stopped) and passed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from app.config import Config
+from app.errors import SessionError
+from app.history import History, Message
+from model.errors import LlamaChatError
+
+WRITE_INTERVAL_S = 0.25  # how often a streaming reply is written to the database
+
+
+# -- events --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UserStored:
+    message_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Screened:
+    """A guard verdict on a stored message (input check, or the final output check)."""
+
+    message_id: int
+    verdict: object
+
+
+@dataclass(frozen=True)
+class Released:
+    """Reply text that may be shown (it passed the guard, or the guard is off)."""
+
+    text: str
+
+
+@dataclass(frozen=True)
+class Retracted:
+    """Fast mode: the reply shown so far failed a check; show the refusal instead."""
+
+    message_id: int
+    verdict: object
+
+
+@dataclass(frozen=True)
+class Blocked:
+    stage: str  # input or output
+    message_id: int
+    verdict: object
+
+
+@dataclass(frozen=True)
+class Done:
+    message_id: int | None  # the reply's id (None when the input was blocked)
+    status: str  # complete, stopped, blocked, error
+    text: str = ""
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Error:
+    error: Exception
+
+    @property
+    def message(self) -> str:
+        return getattr(self.error, "message", None) or f"{type(self.error).__name__}: {self.error}"
+
+
+def refusal(verdict) -> str:
+    """What the user sees in place of blocked text."""
+    names = ", ".join(getattr(verdict, "category_names", ()) or ())
+    why = names or getattr(verdict, "reason", "") or "unsafe content"
+    return f"Blocked by Llama Guard ({why})."
+
+
+# -- models --------------------------------------------------------------------------------------
+@dataclass
+class Engine:
+    """The loaded chat model and (unless turned off) the guard."""
+
+    runner: object
+    guard: object | None
+    model_name: str
+    demo: bool = False
+
+    @classmethod
+    def load(cls, config: Config, *, use_guard: bool, demo: bool = False, progress=None) -> "Engine":
+        """Load both models; a guard that cannot load stops everything (fail closed)."""
+        from model.runner import Runner
+
+        say = progress or (lambda msg: None)
+        guard = None
+        if use_guard:
+            say(f"Loading Llama Guard ({config.guard.source})…")
+            guard = load_guard(config)
+        say(f"Loading {config.model.source}…")
+        runner = Runner.load(config.model.source, device=config.model.device, dtype=config.model.dtype,
+                             context_window=config.model.context or None)
+        return cls(runner, guard, runner.source.name, demo)
+
+
+def load_guard(config: Config):
+    from guard.classifier import Guard, GuardSettings
+
+    g = config.guard
+    try:
+        return Guard.load(g.source, device=config.model.device, settings=GuardSettings(
+            threshold=g.threshold, excluded=tuple(g.excluded), token_budget=g.token_budget))
+    except (LlamaChatError, ValueError) as e:
+        raise SessionError(
+            f"Llama Guard could not be loaded, so llama-chat will not answer.\n{getattr(e, 'message', e)}\n"
+            "To chat without screening, pass --no-guard (or set guard.enabled = false); replies are then "
+            "marked unguarded.",
+            title="Guard unavailable",
+        ) from e
+
+
+# -- the session ---------------------------------------------------------------------------------
+class ChatSession:
+    """The open conversation, its history and the engine that answers it."""
+
+    def __init__(self, history: History, config: Config, engine: Engine | None = None):
+        self.history, self.config, self.engine = history, config, engine
+        self.conversation_id: int | None = None
+        self.system_prompt = config.preset(config.prompts.default) if config.prompts.default else ""
+        self._busy = threading.Lock()
+
+    @property
+    def guarded(self) -> bool:
+        return self.engine is not None and self.engine.guard is not None
+
+    # -- conversations ---------------------------------------------------------------------------
+    def new_conversation(self, system_prompt: str | None = None) -> None:
+        """Start afresh; the conversation is stored with its first message."""
+        self.conversation_id = None
+        if system_prompt is not None:
+            self.system_prompt = system_prompt
+        if self.engine:
+            self.engine.runner.reset()
+
+    def open(self, conversation_id: int):
+        conv = self.history.get_conversation(conversation_id)
+        self.conversation_id, self.system_prompt = conv.id, conv.system_prompt
+        if self.engine:
+            self.engine.runner.reset()
+        return conv
+
+    def set_system_prompt(self, text: str) -> None:
+        self.system_prompt = text
+        if self.conversation_id is not None:
+            self.history.update_conversation(self.conversation_id, system_prompt=text)
+
+    def messages(self) -> list[Message]:
+        return self.history.messages(self.conversation_id) if self.conversation_id is not None else []
+
+    def context(self, messages: list[Message] | None = None) -> list[dict]:
+        """The exchanges the model and the guard may see: a passed user message followed by a reply
+        that completed or was stopped. Blocked, failed or interrupted turns are left out."""
+        msgs = self.messages() if messages is None else messages
+        out = []
+        for user, reply in zip(msgs, msgs[1:]):
+            if (user.role, reply.role) == ("user", "assistant") and user.status == "complete" \
+                    and reply.status in ("complete", "stopped"):
+                out += [{"role": "user", "content": user.content}, {"role": "assistant", "content": reply.content}]
+        return out
+
+    def _model_messages(self, exchange: list[dict]) -> list[dict]:
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return system + exchange
+
+    # -- turns -----------------------------------------------------------------------------------
+    def send(self, text: str, *, cancel: threading.Event | None = None) -> Iterator:
+        """Store, screen and answer `text`."""
+        if not text.strip():
+            raise SessionError("The message is empty.")
+        self._require_engine()
+        with self._busy:
+            if self.conversation_id is None:
+                self.conversation_id = self.history.create_conversation(
+                    text, system_prompt=self.system_prompt, model=self.engine.model_name)
+            context = self.context()
+            user_id = self.history.add_message(self.conversation_id, "user", text, status="streaming",
+                                               guarded=self.guarded)
+            yield UserStored(user_id, text)
+            exchange = context + [{"role": "user", "content": text}]
+            if self.guarded:
+                verdict = self.engine.guard.check(exchange, stage="input")
+                self.history.add_verdict(user_id, verdict)
+                yield Screened(user_id, verdict)
+                if not verdict.safe:
+                    self.history.update_message(user_id, status="blocked")
+                    yield Blocked("input", user_id, verdict)
+                    yield Done(None, "blocked")
+                    return
+            self.history.update_message(user_id, status="complete")
+            yield from self._reply(exchange, cancel)
+
+    def regenerate(self, *, cancel: threading.Event | None = None) -> Iterator:
+        """Replace the last reply with a new one (the user's message was already screened)."""
+        self._require_engine()
+        with self._busy:
+            msgs = self.messages()
+            if msgs and msgs[-1].role == "assistant":
+                self.history.delete_messages_from(msgs[-1].id)
+                msgs = msgs[:-1]
+            if not msgs or msgs[-1].role != "user" or msgs[-1].status != "complete":
+                raise SessionError("There is no answered message to regenerate.")
+            exchange = self.context(msgs) + [{"role": "user", "content": msgs[-1].content}]
+            yield from self._reply(exchange, cancel)
+
+    def edit(self, message_id: int, text: str, *, cancel: threading.Event | None = None) -> Iterator:
+        """Replace an earlier user message (and everything after it) and continue from there."""
+        msgs = {m.id: m for m in self.messages()}
+        if message_id not in msgs or msgs[message_id].role != "user":
+            raise SessionError("Only your own messages in the open conversation can be edited.")
+        self.history.delete_messages_from(message_id)
+        yield from self.send(text, cancel=cancel)
+
+    def _require_engine(self) -> None:
+        if self.engine is None:
+            raise SessionError("The model is not loaded yet.")
+
+    def _reply(self, exchange: list[dict], cancel: threading.Event | None) -> Iterator:
+        from guard.stream import Block, Release, Retract, StreamModerator
+        from model.sampling import Sampling
+
+        runner, guard, g = self.engine.runner, self.engine.guard, self.config.guard
+        gen = self.config.generation
+        sampling = Sampling(gen.temperature, gen.top_p, None, gen.seed, gen.max_new_tokens)
+        reply_id = self.history.add_message(self.conversation_id, "assistant", "", status="streaming",
+                                            guarded=self.guarded)
+        moderator = StreamModerator(guard, exchange, mode=g.mode, check_every=g.check_every) if guard else None
+        generated, shown, last_write, failed = "", "", time.monotonic(), None
+
+        def handle(events):
+            nonlocal shown, failed
+            for e in events:
+                if isinstance(e, Release):
+                    shown += e.text
+                    yield Released(e.text)
+                elif isinstance(e, (Retract, Block)):
+                    failed = e.verdict
+                    yield Retracted(reply_id, e.verdict) if isinstance(e, Retract) else Blocked("output", reply_id, e.verdict)
+
+        try:
+            stream = runner.stream(self._model_messages(exchange), sampling=sampling, cancel=cancel)
+            for delta in stream:
+                generated += delta
+                yield from handle(moderator.feed(delta) if moderator else [Release(delta)])
+                if failed is not None:
+                    stream.close()  # stop generating: the rest would be blocked anyway
+                    break
+                if time.monotonic() - last_write >= WRITE_INTERVAL_S:
+                    self.history.update_message(reply_id, content=shown)
+                    last_write = time.monotonic()
+            if moderator and failed is None:
+                yield from handle(moderator.finish())
+        except Exception as e:  # the reply so far is kept, marked error
+            self.history.update_message(reply_id, content=shown, status="error")
+            yield Error(e)
+            yield Done(reply_id, "error", shown)
+            return
+        stats = runner.last_stats.to_dict() if runner.last_stats else {}
+        for v in moderator.verdicts if moderator else ():
+            self.history.add_verdict(reply_id, v)
+        if moderator and moderator.verdicts:
+            stats["guard_s"] = round(sum(v.latency_s for v in moderator.verdicts), 4)
+            yield Screened(reply_id, moderator.verdicts[-1])
+        if failed is not None:
+            status, content = "blocked", generated  # kept for audit; never shown or sent to the model again
+        else:
+            status = "stopped" if stats.get("stop_reason") == "cancelled" else "complete"
+            content = generated
+        self.history.update_message(reply_id, content=content, status=status, stats=stats)
+        yield Done(reply_id, status, "" if failed is not None else content, stats)

@@ -1,0 +1,136 @@
+"""History on a real SQLite file: schema, migrations, streaming writes, search, export, concurrency."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from app.errors import HistoryError
+from app.history import MIGRATIONS, History
+from guard.verdict import Verdict
+
+
+@pytest.fixture
+def history(tmp_path):
+    h = History(tmp_path / "h.sqlite3")
+    yield h
+    h.close()
+
+
+def schema(path):
+    db = sqlite3.connect(path)
+    rows = db.execute("SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name").fetchall()
+    db.close()
+    return rows
+
+
+def test_fresh_database_schema_mode_and_permissions(history):
+    names = {name for _type, name in schema(history.path)}
+    assert {"conversations", "messages", "verdicts", "migrations", "messages_fts",
+            "messages_fts_insert", "messages_fts_delete", "messages_fts_update"} <= names
+    applied = [r[0] for r in history.db.execute("SELECT name FROM migrations ORDER BY name")]
+    assert applied == [name for name, _ in MIGRATIONS]
+    assert history.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert stat.S_IMODE(os.stat(history.path).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(history.path.parent).st_mode) == 0o700
+
+
+def test_upgrade_from_the_first_version_keeps_data_and_indexes_it(tmp_path):
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+    MIGRATIONS[0][1](db)
+    db.execute("INSERT INTO migrations VALUES (?, 0)", (MIGRATIONS[0][0],))
+    db.execute("INSERT INTO conversations VALUES (1, 'Old chat', '', 'm', 0, 0)")
+    db.execute("INSERT INTO messages (conversation_id, role, content, status, created_at, updated_at)"
+               " VALUES (1, 'user', 'sourdough starter question', 'complete', 0, 0)")
+    db.commit()
+    db.close()
+    h = History(path)
+    assert [r[0] for r in h.db.execute("SELECT name FROM migrations ORDER BY name")] == [n for n, _ in MIGRATIONS]
+    assert h.search("sourdough")[0]["conversation_id"] == 1
+    h.close()
+    assert schema(path) == schema(History(tmp_path / "fresh.sqlite3").path)
+
+
+def test_conversation_lifecycle_search_export_delete(history):
+    cid = history.create_conversation("  How do I   bake bread?\n", system_prompt="Be brief.", model="tiny")
+    u = history.add_message(cid, "user", "How do I bake bread?")
+    history.add_verdict(u, Verdict(True, score=0.01, stage="input", latency_s=0.2, guard_model="g"))
+    a = history.add_message(cid, "assistant", "", status="streaming")
+    history.update_message(a, content="Mix flour and water.", status="complete", stats={"new_tokens": 5})
+    conv = history.get_conversation(cid)
+    assert conv.title == "How do I bake bread?" and conv.system_prompt == "Be brief."
+    assert [(m.role, m.status) for m in conv.messages] == [("user", "complete"), ("assistant", "complete")]
+    assert conv.messages[0].verdicts[0]["safe"] and conv.messages[1].stats == {"new_tokens": 5}
+    assert history.search("flour")[0]["conversation_id"] == cid
+    assert history.search('flour" OR "x') == []  # FTS syntax is taken literally
+    data = json.loads(history.export(cid, "json"))
+    assert data["messages"][0]["verdicts"][0]["guard_model"] == "g"
+    md = history.export(cid, "md")
+    assert md.startswith("# How do I bake bread?") and "Llama Guard (input): passed" in md
+    history.update_conversation(cid, title="Bread")
+    assert history.list_conversations()[0].title == "Bread"
+    history.delete_conversation(cid)
+    assert history.search("flour") == [] and history.list_conversations() == []
+    assert history.db.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0] == 0
+    with pytest.raises(HistoryError, match="No conversation with id"):
+        history.get_conversation(cid)
+
+
+def test_blocked_text_stays_out_of_markdown_export(history):
+    cid = history.create_conversation("x")
+    m = history.add_message(cid, "assistant", "dangerous details", status="blocked")
+    history.add_verdict(m, Verdict(False, ("S1",), ("Violent Crimes",), 0.9, stage="output"))
+    md = history.export(cid, "md")
+    assert "dangerous details" not in md and "blocked: Violent Crimes" in md
+
+
+def test_streaming_reply_of_a_dead_process_is_marked_interrupted(tmp_path):
+    path = tmp_path / "h.sqlite3"
+    code = (
+        "import os, sys; from app.history import History; h = History(sys.argv[1]);"
+        "c = h.create_conversation('q'); h.add_message(c, 'user', 'question');"
+        "m = h.add_message(c, 'assistant', '', status='streaming'); h.update_message(m, content='partial ans');"
+        "os._exit(0)"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path)], check=True)
+    h = History(path)
+    msgs = h.get_conversation(1).messages
+    assert [(m.content, m.status) for m in msgs] == [("question", "complete"), ("partial ans", "interrupted")]
+
+
+def test_a_live_writer_is_not_marked_interrupted(history, tmp_path):
+    cid = history.create_conversation("q")
+    m = history.add_message(cid, "assistant", "", status="streaming")  # this process is alive
+    other = History(history.path)
+    assert other.get_conversation(cid).messages[0].status == "streaming"
+    assert m
+
+
+WRITER = """
+import sys
+from app.history import History
+h = History(sys.argv[1])
+cid = h.create_conversation("writer " + sys.argv[2])
+for i in range(int(sys.argv[3])):
+    m = h.add_message(cid, "user", f"message {sys.argv[2]}-{i}")
+    h.update_message(m, content=f"message {sys.argv[2]}-{i} edited")
+"""
+
+
+def test_two_instances_writing_at_once_lose_nothing(tmp_path):
+    path = tmp_path / "shared.sqlite3"
+    History(path).close()
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(k), "150"]) for k in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    h = History(path)
+    assert h.db.execute("SELECT COUNT(*) FROM messages WHERE content LIKE '% edited'").fetchone()[0] == 300
+    assert len(h.search("edited", limit=500)) == 2
+    assert h.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -1,0 +1,145 @@
+"""The turn pipeline end to end: a real tiny Llama, a real tiny guard, a real SQLite file."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from app.config import Config
+from app.errors import SessionError
+from app.history import History
+from app.session import Blocked, ChatSession, Done, Engine, Released, Retracted, Screened, UserStored, refusal
+from tests.helpers.tiny_guard import KEYWORD
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def chat_runner(tiny_llama_dir):
+    from model.runner import Runner
+
+    return Runner.load(str(tiny_llama_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def keyword_runner(keyword_llama_dir):
+    from model.runner import Runner
+
+    return Runner.load(str(keyword_llama_dir), device="cpu", dtype="float32")
+
+
+def make_session(tmp_path, runner, guard=None, mode="strict", max_new_tokens=24):
+    config = Config()
+    config.generation.temperature = 0.0
+    config.generation.max_new_tokens = max_new_tokens
+    config.guard.mode = mode
+    config.guard.check_every = 4
+    runner.reset()
+    return ChatSession(History(tmp_path / "h.sqlite3"), config, Engine(runner, guard, "tiny"))
+
+
+def kinds(events):
+    return [type(e).__name__ for e in events]
+
+
+def test_a_safe_turn_is_screened_streamed_and_stored(tmp_path, chat_runner, tiny_guard):
+    s = make_session(tmp_path, chat_runner, tiny_guard)
+    events = list(s.send("Tell me about bread."))
+    assert kinds(events)[:2] == ["UserStored", "Screened"] and isinstance(events[-1], Done)
+    done = events[-1]
+    assert done.status == "complete" and done.text == "".join(e.text for e in events if isinstance(e, Released))
+    assert done.stats["new_tokens"] == 24 and done.stats["guard_s"] > 0
+    user, reply = s.history.get_conversation(s.conversation_id).messages
+    assert user.status == "complete" and user.verdicts[0]["stage"] == "input" and user.verdicts[0]["safe"]
+    assert reply.content == done.text and reply.status == "complete" and reply.guarded
+    assert reply.verdicts and all(v["stage"] == "output" and v["safe"] for v in reply.verdicts)
+
+
+def test_blocked_message_never_reaches_the_model(tmp_path, chat_runner, tiny_guard):
+    s = make_session(tmp_path, chat_runner, tiny_guard)
+    list(s.send("Tell me about bread."))
+    before = chat_runner.last_stats
+    events = list(s.send(f"Where do I buy a {KEYWORD}?"))
+    blocked = [e for e in events if isinstance(e, Blocked)][0]
+    assert blocked.stage == "input" and blocked.verdict.category_names == ("Violent Crimes",)
+    assert refusal(blocked.verdict) == "Blocked by Llama Guard (Violent Crimes)."
+    assert not any(isinstance(e, Released) for e in events) and events[-1] == Done(None, "blocked")
+    assert chat_runner.last_stats is before  # the model did not run
+    msgs = s.history.get_conversation(s.conversation_id).messages
+    assert msgs[-1].status == "blocked" and not msgs[-1].verdicts[0]["safe"]
+    # The next turn's context leaves the blocked message out.
+    list(s.send("And about cats?"))
+    assert all(KEYWORD not in m["content"] for m in s.context())
+    assert len(s.context()) == 4
+
+
+def test_blocked_reply_strict_mode_releases_nothing_unsafe(tmp_path, keyword_runner, tiny_guard):
+    s = make_session(tmp_path, keyword_runner, tiny_guard, mode="strict")
+    events = list(s.send("Say something."))
+    shown = "".join(e.text for e in events if isinstance(e, Released))
+    assert KEYWORD not in shown
+    blocked = [e for e in events if isinstance(e, Blocked)]
+    assert blocked and blocked[0].stage == "output" and events[-1].status == "blocked"
+    reply = s.history.get_conversation(s.conversation_id).messages[-1]
+    assert reply.status == "blocked" and KEYWORD in reply.content  # kept for audit
+    assert any(not v["safe"] for v in reply.verdicts)
+    assert s.context() == []  # never re-enters the model's context
+
+
+def test_fast_mode_shows_then_retracts(tmp_path, keyword_runner, tiny_guard):
+    s = make_session(tmp_path, keyword_runner, tiny_guard, mode="fast")
+    events = list(s.send("Say something."))
+    shown = "".join(e.text for e in events if isinstance(e, Released))
+    assert KEYWORD in shown  # fast mode handed it over at once...
+    retracted = [e for e in events if isinstance(e, Retracted)]
+    assert retracted and events[-1].status == "blocked" and events[-1].text == ""  # ...then took it back
+    assert s.history.get_conversation(s.conversation_id).messages[-1].status == "blocked"
+
+
+def test_regenerate_and_edit_replace_the_branch(tmp_path, chat_runner, tiny_guard):
+    s = make_session(tmp_path, chat_runner, tiny_guard)
+    list(s.send("First question."))
+    list(s.send("Second question."))
+    ids = [m.id for m in s.messages()]
+    again = list(s.regenerate())
+    msgs = s.messages()
+    assert len(msgs) == 4 and msgs[-1].id not in ids and msgs[2].id == ids[2]
+    assert isinstance(again[-1], Done) and again[-1].status == "complete"
+    assert chat_runner.last_stats.cached_tokens > 0  # the conversation's KV stayed warm
+    list(s.edit(ids[2], "Edited second question."))
+    msgs = s.messages()
+    assert [m.content for m in msgs if m.role == "user"] == ["First question.", "Edited second question."]
+    assert len(msgs) == 4
+    with pytest.raises(SessionError, match="Only your own messages"):
+        list(s.edit(msgs[-1].id, "x"))
+
+
+def test_stop_keeps_the_partial_reply_marked_stopped(tmp_path, chat_runner):
+    s = make_session(tmp_path, chat_runner, None, max_new_tokens=400)
+    cancel = threading.Event()
+    events = []
+    for e in s.send("Go on forever.", cancel=cancel):
+        events.append(e)
+        if sum(isinstance(x, Released) for x in events) == 5:
+            cancel.set()
+    done = events[-1]
+    assert done.status == "stopped" and 5 <= done.stats["new_tokens"] < 20
+    reply = s.messages()[-1]
+    assert reply.status == "stopped" and reply.content == done.text and not reply.guarded
+    assert reply.verdicts == [] and not any(isinstance(e, Screened) for e in events)
+    assert s.context()[-1]["content"] == done.text  # a stopped reply stays in context
+
+
+def test_system_prompt_switch_and_reopen(tmp_path, chat_runner):
+    s = make_session(tmp_path, chat_runner, None)
+    list(s.send("Hello."))
+    s.set_system_prompt("You are a pirate.")
+    cid = s.conversation_id
+    s.new_conversation()
+    assert s.conversation_id is None
+    conv = s.open(cid)
+    assert conv.system_prompt == "You are a pirate." and s.system_prompt == "You are a pirate."
+    list(s.send("Again."))
+    assert chat_runner.tokenizer.decode(chat_runner._kv.ids).count("You are a pirate.") == 1
+    assert isinstance(next(iter(s.send("x"))), UserStored)
