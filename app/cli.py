@@ -140,8 +140,9 @@ def main(argv=None) -> int:
 
 
 def cmd_tui(args) -> int:
-    config = resolve_config(args)
-    print(f"llama-chat: the terminal app is not built yet; use `llama-chat ask` (model: {config.model.source}).")
+    from app.tui.app import LlamaChatApp
+
+    LlamaChatApp(resolve_config(args), demo=args.demo).run()
     return EXIT_OK
 
 

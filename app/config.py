@@ -89,12 +89,13 @@ class Config:
     prompts: PromptSettings = field(default_factory=PromptSettings)
 
     def all_presets(self) -> dict[str, str]:
-        """Shipped presets with the user's on top."""
+        """Shipped presets, then those saved from the app, then config.toml's."""
         import tomllib
 
+        from app.presets import load_saved_presets
         from assets import read_text
 
-        return {**tomllib.loads(read_text("presets.toml"))["presets"], **self.prompts.presets}
+        return {**tomllib.loads(read_text("presets.toml"))["presets"], **load_saved_presets(), **self.prompts.presets}
 
     def preset(self, name: str) -> str:
         presets = self.all_presets()

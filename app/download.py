@@ -12,13 +12,29 @@ class DownloadError(LlamaChatError):
     title = "Download failed"
 
 
-def download(repo_id: str) -> str:
-    """Download (or resume) `repo_id` into the HF cache with a progress bar; returns the local folder."""
+def _progress_bar(report):
+    """A tqdm class that also reports "name: 45% of 2.5 GB" lines (for the app's status bar)."""
+    from tqdm.auto import tqdm
+
+    class Reporting(tqdm):
+        def update(self, n=1):
+            out = super().update(n)
+            if self.total:
+                report(f"{self.desc or 'downloading'}: {self.n / self.total:.0%} of {self.total / 1e9:.2f} GB")
+            return out
+
+    return Reporting
+
+
+def download(repo_id: str, progress=None) -> str:
+    """Download (or resume) `repo_id` into the HF cache with a progress bar; returns the local folder.
+    `progress(text)`, when given, receives progress lines as well."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
     try:
-        return snapshot_download(repo_id, allow_patterns=PATTERNS)
+        kwargs = {"tqdm_class": _progress_bar(progress)} if progress else {}
+        return snapshot_download(repo_id, allow_patterns=PATTERNS, **kwargs)
     except GatedRepoError as e:
         raise DownloadError(
             f"{repo_id} is gated. Open https://huggingface.co/{repo_id}, accept the Llama 3.2 Community License "

@@ -1,0 +1,609 @@
+"""The llama-chat terminal app.
+
+Models load in a worker while the window is already usable (history, settings, About). Each turn runs
+in a worker that only posts messages; the handlers here own the widgets. The app talks to the chat
+session only, never to the model or the guard.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from importlib import metadata
+
+from textual import on, work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.widgets import Footer, Input, OptionList, Static
+from textual.widgets.option_list import Option
+from textual.worker import Worker, WorkerState
+
+from app.config import Config
+from app.errors import LlamaChatError
+from app.history import History
+from app.session import Blocked, ChatSession, Done, Engine, Error, Released, Retracted, Screened, UserStored, refusal
+from app.tui.screens import (AboutScreen, ConfirmScreen, FirstRunScreen, SettingsScreen, SystemPromptScreen,
+                             TextInputScreen, VerdictScreen)
+from app.tui.widgets import MessageView, PromptArea, StatusBar
+
+MODEL_CHOICES = [("Llama 3.2 1B Instruct", "meta-llama/Llama-3.2-1B-Instruct"),
+                 ("Llama 3.2 3B Instruct", "meta-llama/Llama-3.2-3B-Instruct")]
+CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
+
+
+class TurnEvent(Message):
+    def __init__(self, event):
+        super().__init__()
+        self.event = event
+
+
+class EngineReady(Message):
+    def __init__(self, engine: Engine):
+        super().__init__()
+        self.engine = engine
+
+
+class LoadProgress(Message):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+
+class ConversationList(OptionList):
+    BINDINGS = [Binding("r", "rename", "Rename"), Binding("delete,d", "delete", "Delete"),
+                Binding("x", "export", "Export")]
+
+    def action_rename(self) -> None:
+        self.app.action_rename_conversation()
+
+    def action_delete(self) -> None:
+        self.app.action_delete_conversation()
+
+    def action_export(self) -> None:
+        self.app.action_export_conversation()
+
+
+def short_name(source: str) -> str:
+    """'meta-llama/Llama-3.2-1B-Instruct' -> 'Llama-3.2-1B-Instruct'; a path -> its last part."""
+    name = source.rstrip("/").split("/")[-1]
+    return name[: -len(".gguf")] if name.endswith(".gguf") else name
+
+
+def load_engine(config: Config, *, demo: bool, progress) -> Engine:
+    return Engine.load(config, use_guard=config.guard.enabled, demo=demo, progress=progress)
+
+
+class LlamaChatApp(App):
+    CSS_PATH = "app.tcss"
+    TITLE = "llama-chat"
+    BINDINGS = [
+        Binding("escape", "stop", "Stop"),
+        Binding("ctrl+r", "regenerate", "Regenerate"),
+        Binding("ctrl+e", "edit_last", "Edit", priority=True),  # over the prompt's end-of-line (End does that)
+        Binding("ctrl+n", "new_chat", "New"),
+        Binding("ctrl+s", "system_prompt", "System"),
+        Binding("f2", "settings", "Settings"),
+        Binding("ctrl+b", "toggle_sidebar", "Chats"),
+        Binding("ctrl+f", "search", "Search", show=False),
+        Binding("ctrl+g", "verdicts", "Verdicts"),
+        Binding("f1", "about", "About"),
+    ]
+
+    def __init__(self, config: Config, *, demo: bool = False, engine_loader=load_engine, animate: bool = True):
+        super().__init__()
+        self.config, self.demo, self.engine_loader, self.animate = config, demo, engine_loader, animate
+        self.history = History()  # the UI thread's connection; turns use the session's own
+        self.session = ChatSession(History(self.history.path), config)
+        self.cancel = threading.Event()
+        self.guard_state = "loading" if config.guard.enabled else "off"
+        self.loading_text = "loading…"
+        self.busy = False
+        self.editing: int | None = None
+        self.reply_view: MessageView | None = None
+        self.user_view: MessageView | None = None
+        self._stream = None
+        self._stats: dict = {}
+        self._pending_text = ""
+
+    # -- layout ----------------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        yield Static("", id="banner")
+        with Horizontal(id="main"):
+            with Vertical(id="sidebar"):
+                yield Input(placeholder="Search chats", id="search")
+                yield ConversationList(id="conversations")
+            with Vertical(id="chat"):
+                yield VerticalScroll(id="transcript")
+                prompt = PromptArea(id="prompt", placeholder="Message (Enter sends, Ctrl+J new line)")
+                prompt.cursor_blink = self.animate
+                yield prompt
+        yield StatusBar(id="status")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#transcript", VerticalScroll).anchor()
+        self.refresh_banner()
+        self.refresh_status()
+        self.refresh_conversations()
+        self.query_one("#prompt", PromptArea).focus()
+        if self.model_missing() and not self.demo:
+            self.push_screen(FirstRunScreen(self.config.model.source, self.config.guard.source, self.demo_available()),
+                             self.first_run_choice)
+        else:
+            self.load_models()
+
+    # -- loading ---------------------------------------------------------------------------------
+    def model_missing(self) -> bool:
+        from model.errors import ModelError
+        from model.loading import resolve_source
+
+        try:
+            resolve_source(self.config.model.source)
+        except ModelError:
+            return True
+        return False
+
+    @staticmethod
+    def demo_available() -> bool:
+        from app.cli import demo_model_path
+
+        try:
+            demo_model_path()
+        except LlamaChatError:
+            return False
+        return True
+
+    def first_run_choice(self, choice) -> None:
+        if choice == "demo":
+            from app.cli import demo_model_path
+
+            self.demo = True
+            self.config.model.source = demo_model_path()
+            self.config.guard.enabled = False
+            self.guard_state = "off"
+            self.refresh_banner()
+            self.load_models()
+        elif choice == "download":
+            self.download_models()
+        else:
+            self.exit()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="load")
+    def download_models(self) -> None:
+        from app.download import download
+
+        for repo in (self.config.model.source, self.config.guard.source):
+            self.post_message(LoadProgress(f"downloading {repo}…"))
+            download(repo, progress=lambda text: self.post_message(LoadProgress(text)))
+        self.post_message(LoadProgress("download complete"))
+        engine = self.engine_loader(self.config, demo=self.demo, progress=lambda t: self.post_message(LoadProgress(t)))
+        self.post_message(EngineReady(engine))
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="load")
+    def load_models(self) -> None:
+        engine = self.engine_loader(self.config, demo=self.demo, progress=lambda t: self.post_message(LoadProgress(t)))
+        self.post_message(EngineReady(engine))
+
+    def on_load_progress(self, message: LoadProgress) -> None:
+        self.loading_text = message.text
+        self.refresh_status()
+
+    def on_engine_ready(self, message: EngineReady) -> None:
+        self.session.engine = message.engine
+        message.engine.runner.reset()
+        self.guard_state = "on" if message.engine.guard is not None else "off"
+        self.loading_text = ""
+        self.refresh_banner()
+        self.refresh_status()
+        self.notify(f"{short_name(message.engine.model_name)} is ready.", timeout=3)
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.state != WorkerState.ERROR:
+            return
+        error = event.worker.error
+        text = getattr(error, "message", None) or f"{type(error).__name__}: {error}"
+        if event.worker.group == "load":
+            self.guard_state = "error" if self.config.guard.enabled else self.guard_state
+            self.loading_text = "not loaded"
+            self.refresh_status()
+            self.notify(text, title=getattr(error, "title", "Could not load the models"), severity="error", timeout=30)
+        else:
+            self.finish_turn()
+            self.restore_prompt()
+            self.notify(text, title=getattr(error, "title", "Error"), severity="error", timeout=10)
+
+    # -- status ----------------------------------------------------------------------------------
+    def refresh_banner(self) -> None:
+        banner = self.query_one("#banner", Static)
+        parts = []
+        if self.demo:
+            parts.append("DEMO: SmolLM2-135M, not Llama")
+        if not self.config.guard.enabled:
+            parts.append("⚠ UNGUARDED: no Llama Guard screening")
+        banner.update("  ·  ".join(parts))
+        banner.display = bool(parts)
+
+    def refresh_status(self) -> None:
+        engine = self.session.engine
+        runner = engine.runner if engine else None
+        name = short_name(engine.model_name if engine else self.config.model.source)
+        device = getattr(runner, "device", "…") if runner else self.loading_text or "…"
+        window = getattr(runner, "context_window", None)
+        used = self._stats.get("prompt_tokens", 0) + self._stats.get("new_tokens", 0)
+        context = f"{used}/{window}" if window and used else (f"0/{window}" if window else "—")
+        speed = f"{self._stats['decode_tok_s']:.1f} tok/s" if self._stats.get("decode_tok_s") else "— tok/s"
+        guard = self.guard_state if not (self.guard_state == "loading" and self.loading_text) else "loading"
+        self.query_one("#status", StatusBar).show(model=name, device=device, guard=guard, context=context, speed=speed)
+
+    # -- conversations ---------------------------------------------------------------------------
+    def refresh_conversations(self, query: str = "") -> None:
+        listing = self.query_one("#conversations", ConversationList)
+        listing.clear_options()
+        if query.strip():
+            rows = [(h["conversation_id"], h["title"]) for h in self.history.search(query)]
+        else:
+            rows = [(c.id, c.title) for c in self.history.list_conversations()]
+        listing.add_options([Option(title, id=f"c{cid}") for cid, title in rows])
+        if self.session.conversation_id is not None:
+            try:
+                listing.highlighted = listing.get_option_index(f"c{self.session.conversation_id}")
+            except Exception:  # not in the filtered list
+                pass
+
+    @on(Input.Changed, "#search")
+    def search_changed(self, event: Input.Changed) -> None:
+        self.refresh_conversations(event.value)
+
+    @on(OptionList.OptionSelected, "#conversations")
+    def conversation_selected(self, event: OptionList.OptionSelected) -> None:
+        if self.busy:
+            self.notify("Wait for the reply to finish, or press Esc to stop it.", severity="warning")
+            return
+        self.open_conversation(int(event.option.id[1:]))
+
+    def open_conversation(self, cid: int) -> None:
+        conv = self.session.open(cid)
+        self.editing = None
+        transcript = self.query_one("#transcript", VerticalScroll)
+        transcript.remove_children()
+        transcript.mount_all([MessageView(m.role, self.display_text(m.content, m.status, m.verdicts), message_id=m.id,
+                                          status=m.status, verdicts=m.verdicts, guarded=m.guarded)
+                              for m in conv.messages])
+        last = next((m.stats for m in reversed(conv.messages) if m.stats), None)
+        self._stats = last or {}
+        self.refresh_status()
+        self.query_one("#prompt", PromptArea).focus()
+
+    @staticmethod
+    def display_text(text: str, status: str, verdicts: list) -> str:
+        if status != "blocked":
+            return text
+        failed = [v for v in verdicts if not v["safe"]]
+        names = ", ".join(failed[-1]["category_names"]) if failed else ""
+        return f"*Blocked by Llama Guard ({names or 'unsafe content'}).*"
+
+    def selected_conversation(self) -> int | None:
+        listing = self.query_one("#conversations", ConversationList)
+        if listing.highlighted is not None and listing.option_count:
+            return int(listing.get_option_at_index(listing.highlighted).id[1:])
+        return self.session.conversation_id
+
+    def action_rename_conversation(self) -> None:
+        cid = self.selected_conversation()
+        if cid is None:
+            return
+
+        def renamed(title):
+            if title:
+                self.history.update_conversation(cid, title=title)
+                self.refresh_conversations(self.query_one("#search", Input).value)
+
+        title = self.history.get_conversation(cid, with_messages=False).title
+        self.push_screen(TextInputScreen("Rename conversation", title, screen_id="rename"), renamed)
+
+    def action_delete_conversation(self) -> None:
+        cid = self.selected_conversation()
+        if cid is None or self.busy:
+            return
+        title = self.history.get_conversation(cid, with_messages=False).title
+
+        def confirmed(yes):
+            if yes:
+                self.history.delete_conversation(cid)
+                if self.session.conversation_id == cid:
+                    self.action_new_chat()
+                self.refresh_conversations(self.query_one("#search", Input).value)
+                self.notify(f"Deleted “{title}”.")
+
+        self.push_screen(ConfirmScreen(f"Delete “{title}” and all its messages?"), confirmed)
+
+    def action_export_conversation(self) -> None:
+        from app.paths import data_dir, private_dir
+
+        cid = self.selected_conversation()
+        if cid is None:
+            return
+        folder = private_dir(data_dir() / "exports")
+        path = folder / f"conversation-{cid}.md"
+        path.write_text(self.history.export(cid, "md"), encoding="utf-8")
+        (folder / f"conversation-{cid}.json").write_text(self.history.export(cid, "json"), encoding="utf-8")
+        self.notify(f"Exported to {path} (and .json).", timeout=8)
+
+    # -- chat ------------------------------------------------------------------------------------
+    @on(PromptArea.Submitted)
+    def submitted(self, event: PromptArea.Submitted) -> None:
+        text = event.text
+        if not text.strip():
+            return
+        if self.busy:
+            self.notify("A reply is still running: press Esc to stop it.", severity="warning")
+            return
+        if self.session.engine is None:
+            self.notify("The model is still loading; your message is kept.", severity="warning")
+            return
+        self._pending_text = text
+        self.query_one("#prompt", PromptArea).clear()
+        transcript = self.query_one("#transcript", VerticalScroll)
+        if self.editing is not None:
+            for view in list(transcript.query(MessageView)):
+                if view.message_id is not None and view.message_id >= self.editing:
+                    view.remove()
+        self.user_view = MessageView("user", text, status="streaming", guarded=self.session.guarded)
+        self.reply_view = MessageView("assistant", "", status="streaming", guarded=self.session.guarded)
+        transcript.mount_all([self.user_view, self.reply_view])
+        self.start_turn("edit" if self.editing is not None else "send", text, self.editing)
+        self.editing = None
+
+    def start_turn(self, kind: str, text: str = "", message_id: int | None = None) -> None:
+        self.busy = True
+        self.cancel = threading.Event()
+        self._stream = None
+        self.run_turn(kind, text, message_id, self.cancel)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="turn")
+    def run_turn(self, kind: str, text: str, message_id: int | None, cancel: threading.Event) -> None:
+        if kind == "send":
+            events = self.session.send(text, cancel=cancel)
+        elif kind == "edit":
+            events = self.session.edit(message_id, text, cancel=cancel)
+        else:
+            events = self.session.regenerate(cancel=cancel)
+        for event in events:
+            self.post_message(TurnEvent(event))
+
+    async def on_turn_event(self, message: TurnEvent) -> None:
+        e, reply = message.event, self.reply_view
+        if isinstance(e, UserStored) and self.user_view:
+            self.user_view.message_id = e.message_id
+            self.refresh_conversations(self.query_one("#search", Input).value)
+        elif isinstance(e, Screened):
+            view = self.user_view if self.user_view and e.message_id == self.user_view.message_id else reply
+            if view:
+                view.message_id = e.message_id
+                view.update_state(verdicts=view.verdicts + [e.verdict.to_dict()])
+        elif isinstance(e, Released) and reply:
+            if self._stream is None:
+                from textual.widgets import Markdown
+
+                self._stream = Markdown.get_stream(reply.body)
+            reply.text += e.text
+            await self._stream.write(e.text)
+        elif isinstance(e, (Blocked, Retracted)):
+            await self.stop_stream()
+            if isinstance(e, Blocked) and e.stage == "input" and self.user_view:
+                self.user_view.update_state(status="blocked")
+            if reply:
+                reply.message_id = e.message_id if e.message_id != getattr(self.user_view, "message_id", None) else None
+                reply.add_class("refusal")
+                reply.update_state(status="blocked", verdicts=reply.verdicts + [e.verdict.to_dict()],
+                                   text=f"*{refusal(e.verdict)}*")
+            if isinstance(e, Retracted):
+                self.notify("The reply failed a guard check and was withdrawn.", severity="warning")
+        elif isinstance(e, Error):
+            self.notify(e.message, title=getattr(e.error, "title", "Error"), severity="error", timeout=10)
+        elif isinstance(e, Done):
+            await self.stop_stream()
+            if self.user_view and self.user_view.status == "streaming":
+                self.user_view.update_state(status="complete")
+            if reply and e.message_id is not None:
+                reply.message_id = e.message_id
+                if e.status != "blocked":
+                    reply.update_state(status=e.status)
+            self._stats = e.stats or self._stats
+            self.finish_turn()
+
+    async def stop_stream(self) -> None:
+        if self._stream is not None:
+            await self._stream.stop()
+            self._stream = None
+
+    def finish_turn(self) -> None:
+        self.busy = False
+        self.refresh_status()
+        self.refresh_conversations(self.query_one("#search", Input).value)
+
+    def restore_prompt(self) -> None:
+        prompt = self.query_one("#prompt", PromptArea)
+        if self._pending_text and not prompt.text:
+            prompt.text = self._pending_text  # the typed text is never lost
+
+    def action_stop(self) -> None:
+        if self.busy:
+            self.cancel.set()
+        elif self.editing is not None:
+            self.editing = None
+            self.query_one("#prompt", PromptArea).clear()
+            self.notify("Edit cancelled.")
+
+    def action_regenerate(self) -> None:
+        if self.busy or self.session.engine is None or self.session.conversation_id is None:
+            return
+        views = list(self.query_one("#transcript", VerticalScroll).query(MessageView))
+        if not views or views[-1].role != "assistant" or views[-1].status == "blocked":
+            self.notify("There is no answered message to regenerate.", severity="warning")
+            return
+        views[-1].remove()
+        self.user_view = views[-2] if len(views) > 1 else None
+        self.reply_view = MessageView("assistant", "", status="streaming", guarded=self.session.guarded)
+        self.query_one("#transcript", VerticalScroll).mount(self.reply_view)
+        self.start_turn("regenerate")
+
+    def action_edit_last(self) -> None:
+        if self.busy:
+            return
+        users = [v for v in self.query_one("#transcript", VerticalScroll).query(MessageView)
+                 if v.role == "user" and v.message_id is not None]
+        if not users:
+            return
+        self.editing = users[-1].message_id
+        prompt = self.query_one("#prompt", PromptArea)
+        prompt.text = users[-1].text
+        prompt.focus()
+        self.notify("Editing your last message: Enter replaces it and what follows; Esc cancels.")
+
+    def action_new_chat(self) -> None:
+        if self.busy:
+            return
+        self.session.new_conversation(self.config.preset(self.config.prompts.default))
+        self.query_one("#transcript", VerticalScroll).remove_children()
+        self._stats = {}
+        self.refresh_status()
+        self.query_one("#prompt", PromptArea).focus()
+
+    def action_toggle_sidebar(self) -> None:
+        sidebar = self.query_one("#sidebar")
+        sidebar.display = not sidebar.display
+
+    def action_search(self) -> None:
+        self.query_one("#sidebar").display = True
+        self.query_one("#search", Input).focus()
+
+    def last_view_with_verdicts(self) -> MessageView | None:
+        focused = self.focused
+        if isinstance(focused, MessageView):
+            return focused
+        views = list(self.query_one("#transcript", VerticalScroll).query(MessageView))
+        return next((v for v in reversed(views) if v.verdicts or not v.guarded), None)
+
+    def action_verdicts(self) -> None:
+        view = self.last_view_with_verdicts()
+        if view:
+            self.show_verdicts(view)
+
+    @on(MessageView.DetailsRequested)
+    def details_requested(self, event: MessageView.DetailsRequested) -> None:
+        self.show_verdicts(event.view)
+
+    def show_verdicts(self, view: MessageView) -> None:
+        who = "your message" if view.role == "user" else "the reply"
+        self.push_screen(VerdictScreen(f"Llama Guard verdicts on {who}", view.verdicts, view.guarded))
+
+    def action_copy_reply(self) -> None:
+        replies = [v for v in self.query_one("#transcript", VerticalScroll).query(MessageView) if v.role == "assistant"]
+        if replies and replies[-1].status != "blocked":
+            self.copy_to_clipboard(replies[-1].text)
+            self.notify("Reply copied to the clipboard.")
+
+    def action_copy_code(self) -> None:
+        replies = [v for v in self.query_one("#transcript", VerticalScroll).query(MessageView)
+                   if v.role == "assistant" and v.status != "blocked"]
+        blocks = CODE_BLOCK.findall(replies[-1].text) if replies else []
+        if blocks:
+            self.copy_to_clipboard(blocks[-1])
+            self.notify("Code block copied to the clipboard.")
+        else:
+            self.notify("The last reply has no code block.", severity="warning")
+
+    # -- screens ---------------------------------------------------------------------------------
+    def action_about(self) -> None:
+        from assets import read_text
+
+        engine = self.session.engine
+        models = [f"chat: {engine.model_name if engine else self.config.model.source}",
+                  f"guard: {self.config.guard.source if self.config.guard.enabled else 'off (unguarded)'}"]
+        self.push_screen(AboutScreen(read_text("about.md"), models, self.versions()))
+
+    @staticmethod
+    def versions() -> dict[str, str]:
+        out = {}
+        for dist in ("llama-chat", "textual", "torch", "transformers"):
+            try:
+                out[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                out[dist] = "not installed"
+        return out
+
+    def action_system_prompt(self) -> None:
+        def chosen(result):
+            if not result:
+                return
+            if result[0] == "save":
+                _kind, name, text = result
+                from app.presets import save_preset
+
+                save_preset(name, text)
+                self.notify(f"Saved preset “{name}”.")
+            text = result[-1]
+            self.session.set_system_prompt(text)
+            self.session.engine and self.session.engine.runner.reset()
+            self.notify("System prompt set for this conversation.")
+
+        self.push_screen(SystemPromptScreen(self.config.all_presets(), self.session.system_prompt), chosen)
+
+    def action_settings(self) -> None:
+        def applied(changes):
+            if not changes:
+                return
+            from app.config import _apply
+
+            old_source = self.config.model.source
+            for dotted, value in changes.items():
+                section, _, key = dotted.partition(".")
+                if value is None:
+                    setattr(getattr(self.config, section), key, None)
+                else:
+                    _apply(self.config, section, key, value, where="settings")
+            if changes["model.source"] != old_source:
+                if self.busy:
+                    self.cancel.set()
+                self.session.engine = None
+                self.loading_text = "reloading…"
+                self.guard_state = "loading" if self.config.guard.enabled else "off"
+                self.refresh_status()
+                self.load_models()
+            self.notify("Settings applied for this run.")
+
+        choices = MODEL_CHOICES + [(s, s) for s in self.cached_sources() if s not in dict(MODEL_CHOICES).values()]
+        self.push_screen(SettingsScreen(self.config, choices, self.config.guard.enabled), applied)
+
+    @staticmethod
+    def cached_sources() -> list[str]:
+        """Llama checkpoints present in the local Hugging Face cache."""
+        try:
+            from huggingface_hub import scan_cache_dir
+
+            repos = scan_cache_dir().repos
+        except Exception:  # no cache folder yet
+            return []
+        return sorted(r.repo_id for r in repos if r.repo_type == "model" and "llama" in r.repo_id.lower()
+                      and "guard" not in r.repo_id.lower())
+
+    def get_system_commands(self, screen):
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("About", "Built with Llama: license notice, models and versions", self.action_about)
+        yield SystemCommand("System prompt", "Choose a preset or edit this conversation's system prompt",
+                            self.action_system_prompt)
+        yield SystemCommand("Settings", "Generation, guard mode, categories, model", self.action_settings)
+        yield SystemCommand("New chat", "Start a new conversation", self.action_new_chat)
+        yield SystemCommand("Regenerate reply", "Answer the last message again", self.action_regenerate)
+        yield SystemCommand("Edit last message", "Change your last message and continue from there",
+                            self.action_edit_last)
+        yield SystemCommand("Guard verdicts", "Details of the latest guard decisions", self.action_verdicts)
+        yield SystemCommand("Copy reply", "Copy the last reply", self.action_copy_reply)
+        yield SystemCommand("Copy code block", "Copy the last code block of the last reply", self.action_copy_code)
+        yield SystemCommand("Rename conversation", "Rename the selected conversation", self.action_rename_conversation)
+        yield SystemCommand("Delete conversation", "Delete the selected conversation", self.action_delete_conversation)
+        yield SystemCommand("Export conversation", "Save the selected conversation as Markdown and JSON",
+                            self.action_export_conversation)

@@ -1,0 +1,105 @@
+"""Self-contained widgets: a chat message with its guard badge, the prompt box, the status bar."""
+
+from __future__ import annotations
+
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.message import Message
+from textual.widgets import Label, Markdown, Static, TextArea
+
+
+def badge_for(status: str, verdicts: list, guarded: bool) -> tuple[str, str]:
+    """(text, css class) summarising a message's guard state at a glance."""
+    failed = [v for v in verdicts if not v["safe"]]
+    if status == "blocked" or failed:
+        v = failed[-1] if failed else {}
+        names = ", ".join(v.get("category_names") or []) or v.get("reason") or "unsafe"
+        return f"✗ blocked: {names}", "blocked"
+    extra = {"stopped": " · stopped", "interrupted": " · interrupted", "error": " · error",
+             "streaming": " · …"}.get(status, "")
+    if not guarded:
+        return "unguarded" + extra, "unguarded"
+    if verdicts:
+        return "✓ passed" + extra, "passed"
+    return ("screening…" if status == "streaming" else "not screened") + extra, "pending"
+
+
+class MessageView(Vertical, can_focus=True):
+    """One message of the transcript. Enter (or v) opens its guard verdicts."""
+
+    BINDINGS = [Binding("enter,v", "details", "Verdicts"), Binding("c", "copy", "Copy")]
+
+    class DetailsRequested(Message):
+        def __init__(self, view: "MessageView"):
+            super().__init__()
+            self.view = view
+
+    def __init__(self, role: str, text: str = "", *, message_id: int | None = None, status: str = "complete",
+                 verdicts: list | None = None, guarded: bool = True):
+        super().__init__(classes=f"message {role}")
+        self.role, self.text, self.message_id = role, text, message_id
+        self.status, self.verdicts, self.guarded = status, list(verdicts or []), guarded
+
+    def compose(self):
+        who = "You" if self.role == "user" else "Assistant"
+        yield Label(who, classes="who")
+        yield Markdown(self.text, classes="body")
+        text, cls = badge_for(self.status, self.verdicts, self.guarded)
+        yield Label(text, classes=f"badge {cls}")
+
+    def on_mount(self) -> None:
+        self.set_class(self.status == "blocked", "is-blocked")
+
+    @property
+    def body(self) -> Markdown:
+        return self.query_one(".body", Markdown)
+
+    def update_state(self, *, status: str | None = None, verdicts: list | None = None, text: str | None = None) -> None:
+        if status is not None:
+            self.status = status
+        if verdicts is not None:
+            self.verdicts = list(verdicts)
+        if text is not None:
+            self.text = text
+            self.body.update(text)
+        label, cls = badge_for(self.status, self.verdicts, self.guarded)
+        badge = self.query_one(".badge", Label)
+        badge.update(label)
+        badge.set_classes(f"badge {cls}")
+        self.set_class(self.status == "blocked", "is-blocked")
+
+    def action_details(self) -> None:
+        self.post_message(self.DetailsRequested(self))
+
+    def action_copy(self) -> None:
+        self.app.copy_to_clipboard(self.text)
+        self.app.notify("Message copied to the clipboard.")
+
+
+class PromptArea(TextArea):
+    """The message box: Enter sends, Ctrl+J (or Shift+Enter where the terminal sends it) adds a line."""
+
+    BINDINGS = [Binding("ctrl+j,shift+enter", "newline", "New line", show=False)]
+
+    class Submitted(Message):
+        def __init__(self, text: str):
+            super().__init__()
+            self.text = text
+
+    async def _on_key(self, event) -> None:
+        if event.key == "enter":
+            event.stop()
+            event.prevent_default()
+            self.post_message(self.Submitted(self.text))
+            return
+        await super()._on_key(event)
+
+    def action_newline(self) -> None:
+        self.insert("\n")
+
+
+class StatusBar(Static):
+    """Model and device · guard state · context used · speed of the last reply."""
+
+    def show(self, *, model: str, device: str, guard: str, context: str, speed: str) -> None:
+        self.update(f" {model} · {device} │ guard {guard} │ ctx {context} │ {speed}")

@@ -1,0 +1,255 @@
+"""The app's flows under Pilot: real tiny models where the text matters, scripted ones where it does not."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.tui.app import LlamaChatApp
+from app.tui.screens import AboutScreen, FirstRunScreen, SystemPromptScreen, VerdictScreen
+from app.tui.widgets import MessageView, PromptArea
+from tests.helpers.scripted import KEYWORD, ScriptedRunner, scripted_loader
+from tests.tui.conftest import make_config, run, wait_for
+
+
+def views(app):
+    return list(app.query(MessageView))
+
+
+async def send(pilot, app, text):
+    prompt = app.query_one("#prompt", PromptArea)
+    prompt.focus()
+    prompt.text = text
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: not app.busy and views(app) and views(app)[-1].status != "streaming")
+
+
+def real_loader(runner, guard):
+    from app.session import Engine
+
+    def load(config, *, demo, progress):
+        runner.reset()
+        return Engine(runner, guard if config.guard.enabled else None, "tiny-llama", demo)
+
+    return load
+
+
+@pytest.fixture(scope="module")
+def tiny_runner(tiny_llama_dir):
+    from model.runner import Runner
+
+    return Runner.load(str(tiny_llama_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def keyword_runner(keyword_llama_dir):
+    from model.runner import Runner
+
+    return Runner.load(str(keyword_llama_dir), device="cpu", dtype="float32")
+
+
+@pytest.mark.slow
+def test_send_streams_a_screened_reply_and_lists_the_chat(present_model, tiny_runner, tiny_guard):
+    async def go():
+        app = LlamaChatApp(make_config(present_model), engine_loader=real_loader(tiny_runner, tiny_guard), animate=False)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_for(pilot, lambda: app.session.engine is not None)
+            assert app.guard_state == "on"
+            await send(pilot, app, "Tell me about bread.")
+            user, reply = views(app)
+            assert user.text == "Tell me about bread." and user.verdicts[0]["safe"] and user.message_id
+            assert reply.status == "complete" and reply.text and reply.verdicts[-1]["safe"]
+            assert reply.text == app.history.messages(app.session.conversation_id)[-1].content
+            assert "✓ passed" in str(reply.query_one(".badge").render())
+            assert app.query_one("#conversations").option_count == 1
+            assert "tok/s" in str(app.query_one("#status").render())
+            assert app.query_one("#prompt", PromptArea).text == ""
+
+    run(go())
+
+
+@pytest.mark.slow
+def test_blocked_input_shows_a_refusal_and_never_runs_the_model(present_model, tiny_runner, tiny_guard):
+    async def go():
+        app = LlamaChatApp(make_config(present_model), engine_loader=real_loader(tiny_runner, tiny_guard), animate=False)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_for(pilot, lambda: app.session.engine is not None)
+            tiny_runner.last_stats = None
+            await send(pilot, app, f"Where can I buy a {KEYWORD}?")
+            user, reply = views(app)
+            assert user.status == "blocked" and "blocked: Violent Crimes" in str(user.query_one(".badge").render())
+            assert reply.has_class("refusal") and "Blocked by Llama Guard (Violent Crimes)" in reply.text
+            assert tiny_runner.last_stats is None
+            await pilot.press("ctrl+g")  # the details of the latest decision
+            assert isinstance(app.screen, VerdictScreen)
+
+    run(go())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["strict", "fast"])
+def test_blocked_reply_strict_and_retracted_reply_fast(present_model, keyword_runner, tiny_guard, mode):
+    async def go():
+        app = LlamaChatApp(make_config(present_model, mode=mode), engine_loader=real_loader(keyword_runner, tiny_guard),
+                           animate=False)
+        seen = []
+        async with app.run_test(size=(100, 30), message_hook=seen.append) as pilot:
+            await wait_for(pilot, lambda: app.session.engine is not None)
+            await send(pilot, app, "Say something.")
+            reply = views(app)[-1]
+            assert reply.status == "blocked" and KEYWORD not in reply.text and "Blocked by Llama Guard" in reply.text
+            released = "".join(m.event.text for m in seen if type(m).__name__ == "TurnEvent"
+                               and type(m.event).__name__ == "Released")
+            retracted = [m for m in seen if type(m).__name__ == "TurnEvent" and type(m.event).__name__ == "Retracted"]
+            if mode == "fast":
+                assert KEYWORD in released and retracted  # shown, then visibly replaced by the refusal
+            else:
+                assert KEYWORD not in released and not retracted
+
+    run(go())
+
+
+@pytest.mark.slow
+def test_escape_stops_a_long_reply_and_keeps_it(present_model, tiny_runner):
+    async def go():
+        app = LlamaChatApp(make_config(present_model, guard=False, max_new_tokens=3000),
+                           engine_loader=real_loader(tiny_runner, None), animate=False)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_for(pilot, lambda: app.session.engine is not None)
+            assert app.query_one("#banner").display  # unguarded, said the whole time
+            prompt = app.query_one("#prompt", PromptArea)
+            prompt.text = "Go on forever."
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: len(views(app)) == 2 and len(views(app)[-1].text) > 20)
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: not app.busy)
+            reply = views(app)[-1]
+            assert reply.status == "stopped" and "stopped" in str(reply.query_one(".badge").render())
+            stored = app.history.messages(app.session.conversation_id)[-1]
+            assert stored.status == "stopped" and stored.content == reply.text and stored.stats["new_tokens"] < 3000
+
+    run(go())
+
+
+def test_edit_regenerate_search_and_reopen(present_model):
+    runner = ScriptedRunner()
+
+    async def go():
+        app = LlamaChatApp(make_config(present_model), engine_loader=scripted_loader(runner), animate=False)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_for(pilot, lambda: app.session.engine is not None)
+            await send(pilot, app, "First question about rivers")
+            await send(pilot, app, "Second question")
+            await pilot.press("ctrl+r")
+            await wait_for(pilot, lambda: not app.busy and views(app)[-1].status == "complete")
+            assert len(views(app)) == 4 and len(runner.prompts) == 3
+            await pilot.press("ctrl+e")
+            assert app.query_one("#prompt", PromptArea).text == "Second question"
+            app.query_one("#prompt", PromptArea).text = "Edited question"
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: not app.busy and views(app)[-1].status == "complete")
+            assert [v.text for v in views(app) if v.role == "user"] == ["First question about rivers", "Edited question"]
+            assert [m.content for m in app.history.messages(app.session.conversation_id) if m.role == "user"] == [
+                "First question about rivers", "Edited question"]
+            await pilot.press("ctrl+n")
+            assert views(app) == []
+            await send(pilot, app, "Another chat")
+            listing = app.query_one("#conversations")
+            assert listing.option_count == 2
+            await pilot.press("ctrl+f")
+            await pilot.press(*"rivers")
+            await wait_for(pilot, lambda: listing.option_count == 1)
+            listing.focus()
+            listing.highlighted = 0
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: len(views(app)) == 4)
+            assert views(app)[0].text == "First question about rivers"
+
+    run(go())
+
+
+def test_system_prompt_change_reaches_the_model(present_model):
+    runner = ScriptedRunner()
+
+    async def go():
+        app = LlamaChatApp(make_config(present_model), engine_loader=scripted_loader(runner), animate=False)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_for(pilot, lambda: app.session.engine is not None)
+            await pilot.press("ctrl+s")
+            assert isinstance(app.screen, SystemPromptScreen)
+            from textual.widgets import TextArea
+
+            app.screen.query_one("#text", TextArea).text = "You are a pirate."
+            await pilot.click("#apply")
+            await send(pilot, app, "Hello")
+            assert runner.prompts[-1][0] == {"role": "system", "content": "You are a pirate."}
+            assert app.history.get_conversation(app.session.conversation_id).system_prompt == "You are a pirate."
+
+    run(go())
+
+
+def test_about_from_the_command_palette(present_model):
+    async def go():
+        app = LlamaChatApp(make_config(present_model), engine_loader=scripted_loader(), animate=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("ctrl+p")
+            await pilot.press(*"about")
+            await pilot.pause(0.3)
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: isinstance(app.screen, AboutScreen))
+            text = " ".join(str(m._markdown) for m in app.screen.query("Markdown"))
+            assert "Built with Llama" in text
+            assert "Llama 3.2 is licensed under the Llama 3.2 Community License, Copyright © Meta Platforms, Inc. " \
+                   "All Rights Reserved." in text
+
+    run(go())
+
+
+def test_typed_text_survives_a_send_before_the_model_is_ready(present_model):
+    import threading
+
+    gate = threading.Event()
+
+    def slow_loader(config, *, demo, progress):
+        gate.wait(10)
+        return scripted_loader()(config, demo=demo, progress=progress)
+
+    async def go():
+        app = LlamaChatApp(make_config(present_model), engine_loader=slow_loader, animate=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            app.query_one("#prompt", PromptArea).text = "keep me"
+            await pilot.press("enter")
+            assert app.query_one("#prompt", PromptArea).text == "keep me" and views(app) == []
+            assert "loading" in str(app.query_one("#status").render())
+            gate.set()
+            await wait_for(pilot, lambda: app.session.engine is not None)
+
+    run(go())
+
+
+def test_first_run_without_a_model_offers_download_and_demo(tmp_path):
+    async def go():
+        app = LlamaChatApp(make_config("meta-llama/Llama-3.2-1B-Instruct"), engine_loader=scripted_loader(),
+                           animate=False)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.pause(0.2)
+            assert isinstance(app.screen, FirstRunScreen)
+            assert app.screen.query("#download")
+
+    run(go())
+
+
+def test_load_failure_is_reported_and_the_app_stays_usable(present_model):
+    from app.errors import SessionError
+
+    def failing(config, *, demo, progress):
+        raise SessionError("Llama Guard could not be loaded, so llama-chat will not answer.", title="Guard unavailable")
+
+    async def go():
+        app = LlamaChatApp(make_config(present_model), engine_loader=failing, animate=False)
+        async with app.run_test(size=(80, 24), notifications=True) as pilot:
+            await wait_for(pilot, lambda: app.guard_state == "error")
+            assert any("could not be loaded" in n.message for n in app._notifications)
+            await pilot.press("f1")
+            assert isinstance(app.screen, AboutScreen)
+
+    run(go())
