@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import threading
 from importlib import metadata
+from pathlib import Path
 
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
@@ -76,7 +77,7 @@ def load_engine(config: Config, *, demo: bool, progress) -> Engine:
 
 
 class LlamaChatApp(App):
-    CSS_PATH = "app.tcss"
+    CSS_PATH = Path(__file__).parent / "app.tcss"  # absolute: subclasses elsewhere find it too
     TITLE = "llama-chat"
     BINDINGS = [
         Binding("escape", "stop", "Stop"),
@@ -129,6 +130,8 @@ class LlamaChatApp(App):
         self.refresh_conversations()
         self.query_one("#prompt", PromptArea).focus()
         if self.model_missing() and not self.demo:
+            self.loading_text = "no model yet"
+            self.refresh_status()
             self.push_screen(FirstRunScreen(self.config.model.source, self.config.guard.source, self.demo_available()),
                              self.first_run_choice)
         else:
@@ -497,7 +500,8 @@ class LlamaChatApp(App):
         self.show_verdicts(event.view)
 
     def show_verdicts(self, view: MessageView) -> None:
-        who = "your message" if view.role == "user" else "the reply"
+        input_only = view.verdicts and all(v["stage"] == "input" for v in view.verdicts)
+        who = "your message" if view.role == "user" or input_only else "the reply"
         self.push_screen(VerdictScreen(f"Llama Guard verdicts on {who}", view.verdicts, view.guarded))
 
     def action_copy_reply(self) -> None:

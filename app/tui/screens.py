@@ -27,7 +27,7 @@ class AboutScreen(Modal):
         with Vertical(classes="dialog wide"):
             with VerticalScroll():
                 yield Markdown(self.about_markdown)
-                yield Markdown(f"Acceptable Use Policy: <{AUP_URL}>")
+                yield Markdown(f"Acceptable Use Policy: {AUP_URL}")
                 yield Label("Models in use", classes="section")
                 for line in self.models:
                     yield Label(f"  {line}")
@@ -72,7 +72,7 @@ class ConfirmScreen(Modal):
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog"):
-            yield Label(self.question, classes="title")
+            yield Static(self.question, classes="title")
             with Horizontal(classes="buttons"):
                 yield Button(self.confirm, id="yes", variant="error")
                 yield Button("Cancel", id="no")
@@ -154,7 +154,8 @@ class SettingsScreen(Modal):
             with VerticalScroll():
                 yield Label("Model")
                 sources = [v for _, v in self.model_choices]
-                choices = self.model_choices + ([] if c.model.source in sources else [(c.model.source, c.model.source)])
+                label = c.model.source.rstrip("/").split("/")[-1]
+                choices = self.model_choices + ([] if c.model.source in sources else [(label, c.model.source)])
                 yield Select(choices, value=c.model.source, allow_blank=False, id="model")
                 yield Input(placeholder="…or a path to a folder, .gguf or Meta original folder", id="model-path")
                 with Horizontal(classes="row"):
@@ -244,7 +245,6 @@ After that, nothing leaves this machine: both models run locally.
                 if self.demo_available:
                     yield Markdown("Or try the app right away with **SmolLM2-135M-Instruct**, a small demo model "
                                    "that is *not* Llama, running **unguarded**.")
-            yield Static("", id="progress")
             with Horizontal(classes="buttons"):
                 yield Button("Download", id="download", variant="primary")
                 if self.demo_available:
