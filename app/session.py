@@ -103,8 +103,11 @@ class Engine:
             say(f"Loading Llama Guard ({config.guard.source})…")
             guard = load_guard(config)
         say(f"Loading {config.model.source}…")
+        from app.paths import cache_dir
+
         runner = Runner.load(config.model.source, device=config.model.device, dtype=config.model.dtype,
-                             context_window=config.model.context or None)
+                             context_window=config.model.context or None, quantize=config.model.quantize,
+                             cache_folder=cache_dir() / "quantized")
         return cls(runner, guard, runner.source.name, demo)
 
 

@@ -22,10 +22,6 @@ class Source:
     name: str  # what the user gave: a repo id or a path
     revision: str = ""  # HF snapshot hash, when known
 
-    @property
-    def is_llama3_family(self) -> bool:
-        return self.kind != "gguf" or "llama" in self.path.name.lower()
-
 
 def _folder_kind(folder: Path) -> str | None:
     if (folder / "config.json").is_file() and any(folder.glob("*.safetensors")):
@@ -96,15 +92,20 @@ class Loaded:
     generation_defaults: dict
 
 
-def load_checkpoint(source: Source, *, device: str, dtype) -> Loaded:
-    """Load model and tokenizer in `dtype` on `device`, all from local files."""
+def load_checkpoint(source: Source, *, device: str, dtype, quantize: str = "bf16", cache_folder: Path | None = None) -> Loaded:
+    """Load model and tokenizer in `dtype` on `device`, all from local files. A `quantize` mode other
+    than bf16 builds the quantized model once and reuses it from `cache_folder` afterwards."""
     try:
-        if source.kind == "meta":
-            from model.meta_format import load_meta_checkpoint
-
-            model, tokenizer = load_meta_checkpoint(source.path, dtype=dtype)
+        tokenizer = load_tokenizer(source)
+        if quantize == "bf16":
+            model = load_model(source, dtype)
         else:
-            model, tokenizer = _load_transformers(source, dtype)
+            from model.qcache import load_quantized
+
+            if device != "cpu":
+                raise ModelError(f"--quantize {quantize} is for CPU decoding; on {device} use bf16.")
+            model = load_quantized(source, quantize, dtype=dtype, cache_folder=cache_folder,
+                                   build=lambda: load_model(source, dtype))
     except ModelError:
         raise
     except Exception as e:  # transformers raises many types; the user needs to know which file failed
@@ -113,23 +114,42 @@ def load_checkpoint(source: Source, *, device: str, dtype) -> Loaded:
     return Loaded(model, tokenizer, source, eos_ids(model, tokenizer), generation_defaults(model))
 
 
-def _load_transformers(source: Source, dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _transformers_args(source: Source) -> tuple[Path, dict]:
+    if source.kind == "gguf":
+        return source.path.parent, {"gguf_file": source.path.name, "local_files_only": True}
+    return source.path, {"local_files_only": True}
+
+
+def load_tokenizer(source: Source):
+    if source.kind == "meta":
+        from model.meta_format import tokenizer_from_tiktoken
+
+        return tokenizer_from_tiktoken(source.path / "tokenizer.model")
+    from transformers import AutoTokenizer
+
+    folder, kwargs = _transformers_args(source)
+    # A .gguf carries its tokenizer; tokenizer files beside it win (they keep the chat template exact).
+    if (folder / "tokenizer.json").is_file():
+        kwargs = {"local_files_only": True}
+    return AutoTokenizer.from_pretrained(folder, **kwargs)
+
+
+def load_model(source: Source, dtype):
+    """The model in `dtype` on the CPU, unquantized."""
+    if source.kind == "meta":
+        from model.meta_format import load_meta_model
+
+        return load_meta_model(source.path, dtype=dtype)
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    folder, kwargs = source.path, {}
-    if source.kind == "gguf":
-        folder, kwargs = source.path.parent, {"gguf_file": source.path.name}
-    kwargs["local_files_only"] = True
-    # A .gguf carries its tokenizer; tokenizer files beside it win (they keep the chat template exact).
-    has_tokenizer_files = (folder / "tokenizer.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(folder, **({"local_files_only": True} if has_tokenizer_files else kwargs))
+    folder, kwargs = _transformers_args(source)
     with _quiet_gguf_progress():
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     if source.kind == "gguf":
         apply_gguf_rope_freqs(model, source.path)
-    return model, tokenizer
+    return model
 
 
 @contextmanager

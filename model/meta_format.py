@@ -123,7 +123,7 @@ def tokenizer_from_tiktoken(path: Path):
     )
 
 
-def load_meta_checkpoint(folder: Path, *, dtype):
+def load_meta_model(folder: Path, *, dtype):
     import torch
     from transformers import GenerationConfig, LlamaForCausalLM
 
@@ -134,7 +134,6 @@ def load_meta_checkpoint(folder: Path, *, dtype):
     if len(files) > 1:
         raise ModelError(f"{folder} is sharded ({len(files)} files); only single-file checkpoints (1B, 3B) load.")
     params = json.loads((folder / "params.json").read_text())
-    tokenizer = tokenizer_from_tiktoken(folder / "tokenizer.model")
     config = config_from_params(params, vocab_size=128256)
     sd = torch.load(files[0], map_location="cpu", mmap=True, weights_only=True)
     config.tie_word_embeddings = "output.weight" not in sd
@@ -148,4 +147,4 @@ def load_meta_checkpoint(folder: Path, *, dtype):
     model.generation_config = GenerationConfig(
         bos_token_id=128000, eos_token_id=LLAMA3_EOS, do_sample=True, temperature=0.6, top_p=0.9
     )
-    return model, tokenizer
+    return model

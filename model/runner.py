@@ -59,19 +59,24 @@ class Runner:
         self._lock = threading.Lock()
         self.last_stats: TurnStats | None = None
         self.last_reply_ids: list[int] = []
+        self.quantize = "bf16"
 
     @classmethod
     def load(cls, src, *, device: str = "auto", dtype: str = "auto", threads: int | None = None,
-             context_window: int | None = None) -> "Runner":
+             context_window: int | None = None, quantize: str = "bf16", cache_folder=None) -> "Runner":
+        """`quantize`: bf16 (none), int8, int4 or int4-fast (CPU; see model.quant)."""
         from model.device import configure_threads, pick_device, pick_dtype
 
         dev = pick_device(device)
         configure_threads(dev, threads)
         source = resolve_source(src)
-        if dtype == "auto" and source.kind == "gguf":
+        if dtype == "auto" and source.kind == "gguf" and quantize == "bf16":
             dtype = "float32"  # transformers' packed GGUF kernels compute in fp32
-        loaded = load_checkpoint(source, device=dev, dtype=pick_dtype(dtype, dev))
-        return cls(loaded, device=dev, context_window=context_window)
+        loaded = load_checkpoint(source, device=dev, dtype=pick_dtype(dtype, dev), quantize=quantize,
+                                 cache_folder=cache_folder)
+        runner = cls(loaded, device=dev, context_window=context_window)
+        runner.quantize = quantize
+        return runner
 
     @property
     def dtype(self):

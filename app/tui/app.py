@@ -562,14 +562,14 @@ class LlamaChatApp(App):
                 return
             from app.config import _apply
 
-            old_source = self.config.model.source
+            old = (self.config.model.source, self.config.model.quantize)
             for dotted, value in changes.items():
                 section, _, key = dotted.partition(".")
                 if value is None:
                     setattr(getattr(self.config, section), key, None)
                 else:
                     _apply(self.config, section, key, value, where="settings")
-            if changes["model.source"] != old_source:
+            if (self.config.model.source, self.config.model.quantize) != old:
                 if self.busy:
                     self.cancel.set()
                 self.session.engine = None

@@ -158,6 +158,10 @@ class SettingsScreen(Modal):
                 choices = self.model_choices + ([] if c.model.source in sources else [(label, c.model.source)])
                 yield Select(choices, value=c.model.source, allow_blank=False, id="model")
                 yield Input(placeholder="…or a path to a folder, .gguf or Meta original folder", id="model-path")
+                yield Label("CPU weight mode")
+                yield Select([("bf16: full precision", "bf16"), ("int8: ~2x faster, near-lossless", "int8"),
+                              ("int4: fastest with good quality", "int4"), ("int4-fast: fastest, lower quality", "int4-fast")],
+                             value=c.model.quantize, allow_blank=False, id="quantize")
                 with Horizontal(classes="row"):
                     yield Label("Temperature")
                     yield Input("" if g.temperature is None else str(g.temperature), placeholder="model default",
@@ -207,6 +211,7 @@ class SettingsScreen(Modal):
         path = self.query_one("#model-path", Input).value.strip()
         return {
             "model.source": path or self.query_one("#model", Select).value,
+            "model.quantize": self.query_one("#quantize", Select).value,
             "generation.temperature": number("temperature", float, 0, 2),
             "generation.top_p": number("top_p", float, 0.01, 1),
             "generation.max_new_tokens": number("max_new_tokens", int, 1, 32768, optional=False),

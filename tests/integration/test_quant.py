@@ -1,0 +1,93 @@
+"""Weight-only int8/int4 on a tiny Llama with the real config shape, and the quantize-once cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model.loading import resolve_source
+from model.quant import Int4Linear, Int8Linear, plan, quantize_model
+from model.runner import Runner
+from model.sampling import Sampling
+
+
+def logits(model, ids):
+    with torch.inference_mode():
+        return model(torch.tensor([ids])).logits[0].float()
+
+
+@pytest.fixture(scope="module")
+def ids(llama_tokenizer):
+    return llama_tokenizer("The quick brown fox jumps over the lazy dog. " * 4)["input_ids"]
+
+
+@pytest.mark.parametrize("mode, tolerance", [("int8", 0.02), ("int4", 0.12), ("int4-fast", 0.2)])
+def test_quantized_layers_track_the_original(tiny_llama_dir, ids, mode, tolerance):
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
+    q = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
+    layout = quantize_model(q, mode)
+    head = q.get_output_embeddings()
+    assert isinstance(head, Int8Linear if mode in ("int8", "int4") else Int4Linear)
+    assert isinstance(q.model.layers[0].mlp.down_proj, Int8Linear if mode == "int8" else Int4Linear)
+    if mode == "int4":
+        assert layout["model.layers.0.self_attn.q_proj"] == ("int4", 32)
+    a, b = logits(ref, ids), logits(q, ids)
+    rel = (a - b).norm() / a.norm()
+    assert rel < tolerance, rel
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.7
+
+
+def test_plan_rejects_unknown_modes(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        plan(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), "int3")
+
+
+def test_cache_build_reuse_and_rebuild_after_corruption(tiny_llama_dir, tmp_path, ids):
+    cache = tmp_path / "q"
+    first = Runner.load(str(tiny_llama_dir), device="cpu", dtype="bfloat16", quantize="int4", cache_folder=cache)
+    assert first.model.quant_cache == "built"
+    [weights] = cache.glob("*.pt")
+    second = Runner.load(str(tiny_llama_dir), device="cpu", dtype="bfloat16", quantize="int4", cache_folder=cache)
+    assert second.model.quant_cache == "hit"
+    torch.testing.assert_close(logits(first.model, ids), logits(second.model, ids))
+    s = Sampling(temperature=0, max_new_tokens=8)
+    msgs = [{"role": "user", "content": "Hello"}]
+    assert "".join(first.stream(msgs, sampling=s)) == "".join(second.stream(msgs, sampling=s))
+
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte deep inside a tensor
+    weights.write_bytes(bytes(data))
+    third = Runner.load(str(tiny_llama_dir), device="cpu", dtype="bfloat16", quantize="int4", cache_folder=cache)
+    assert third.model.quant_cache == "built"
+    torch.testing.assert_close(logits(third.model, ids), logits(first.model, ids))
+
+    weights.write_bytes(b"not a checkpoint")  # truncated / replaced
+    (next(cache.glob("*.json"))).write_text("{")
+    assert Runner.load(str(tiny_llama_dir), device="cpu", dtype="bfloat16", quantize="int4",
+                       cache_folder=cache).model.quant_cache == "built"
+
+
+def test_each_mode_has_its_own_entry_and_a_changed_checkpoint_is_not_reused(tiny_llama_dir, tmp_path):
+    import shutil
+
+    from model.qcache import cache_key
+
+    src = resolve_source(tiny_llama_dir)
+    assert len({cache_key(src, m, torch.bfloat16) for m in ("int8", "int4", "int4-fast")}) == 3
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_llama_dir, copy)
+    before = cache_key(resolve_source(copy), "int4", torch.bfloat16)
+    (copy / "config.json").write_text((copy / "config.json").read_text() + "\n")
+    assert cache_key(resolve_source(copy), "int4", torch.bfloat16) != before
+
+
+def test_quantized_modes_refuse_other_devices(tiny_llama_dir):
+    from model.errors import ModelError
+    from model.loading import load_checkpoint
+
+    with pytest.raises(ModelError, match="for CPU decoding"):
+        load_checkpoint(resolve_source(tiny_llama_dir), device="cuda", dtype=torch.bfloat16, quantize="int4")
