@@ -9,36 +9,27 @@ from pathlib import Path
 APP = "llama-chat"
 
 
-def _home() -> Path | None:
-    value = os.environ.get("LLAMA_CHAT_HOME")
-    return Path(value).expanduser() if value else None
+def _location(sub: str, platform_path) -> Path:
+    home = os.environ.get("LLAMA_CHAT_HOME")
+    return Path(home).expanduser() / sub if home else platform_path(APP)
 
 
 def config_dir() -> Path:
-    home = _home()
-    if home:
-        return home / "config"
     from platformdirs import user_config_path
 
-    return user_config_path(APP)
+    return _location("config", user_config_path)
 
 
 def data_dir() -> Path:
-    home = _home()
-    if home:
-        return home / "data"
     from platformdirs import user_data_path
 
-    return user_data_path(APP)
+    return _location("data", user_data_path)
 
 
 def cache_dir() -> Path:
-    home = _home()
-    if home:
-        return home / "cache"
     from platformdirs import user_cache_path
 
-    return user_cache_path(APP)
+    return _location("cache", user_cache_path)
 
 
 def config_file() -> Path:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import resource
 import sys
 from pathlib import Path
+
+from model.device import peak_rss_mb  # noqa: F401  (re-exported for the benchmarks)
 
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, head_dim=64)
@@ -55,10 +56,6 @@ def llama_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(Path(list(spec.submodule_search_locations)[0]) / "tokenizer")
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def emit(obj: dict) -> None:

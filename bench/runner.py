@@ -54,7 +54,13 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small shape, 4 turns: under a minute")
     p.add_argument("--turns", type=int, default=None)
     p.add_argument("--new-tokens", type=int, default=None)
+    p.add_argument("--quantize", choices=("int8", "int4", "int4-fast"), default=None,
+                   help="measure a CPU weight mode from fresh processes instead (see bench/quantized.py)")
     args = p.parse_args(argv)
+    if args.quantize:
+        from bench.quantized import main as quantized_main
+
+        return quantized_main(args)
 
     import torch
 

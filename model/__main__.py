@@ -50,7 +50,10 @@ def main(argv=None) -> int:
             sys.stdout.write("\n")
             messages.append({"role": "assistant", "content": "".join(reply)})
             if args.stats:
-                print(json.dumps(runner.last_stats.to_dict()), file=sys.stderr, flush=True)
+                from model.device import peak_rss_mb
+
+                stats = {**runner.last_stats.to_dict(), "peak_rss_mb": round(peak_rss_mb(), 1)}
+                print(json.dumps(stats), file=sys.stderr, flush=True)
     except (LlamaChatError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -90,3 +90,18 @@ def configure_threads(device: str, threads: int | None = None) -> int:
     if device.split(":")[0] == "cpu":
         torch.set_num_threads(n)
     return n
+
+
+def peak_rss_mb() -> float:
+    """This process image's peak RSS. VmHWM starts afresh at exec; ru_maxrss would also count the memory
+    of the process that forked it (Linux keeps maxrss across exec)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -94,6 +94,11 @@ def build_tiny_llama(folder: Path, tokenizer_dir: Path, *, tied: bool = True, se
     model.generation_config = GenerationConfig(
         bos_token_id=128000, eos_token_id=[128001, 128008, 128009], do_sample=True, temperature=0.6, top_p=0.9
     )
+    return save_with_tokenizer(model, folder, tokenizer_dir)
+
+
+def save_with_tokenizer(model, folder: Path, tokenizer_dir: Path) -> Path:
+    """A checkpoint folder: the model's config and safetensors plus the real Llama 3.2 tokenizer."""
     model.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_dir / name, folder / name)
@@ -151,8 +156,18 @@ def keyword_llama_dir(tmp_path_factory, llama_tokenizer_dir) -> Path:
         model.lm_head.weight.zero_()
         model.lm_head.weight[kw] = u
         model.lm_head.weight[dot] = -u
-    folder = tmp_path_factory.mktemp("keyword-llama")
-    model.save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(llama_tokenizer_dir / name, folder / name)
-    return folder
+    return save_with_tokenizer(model, tmp_path_factory.mktemp("keyword-llama"), llama_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_runner(tiny_llama_dir):
+    from model.runner import Runner
+
+    return Runner.load(str(tiny_llama_dir), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def keyword_runner(keyword_llama_dir):
+    from model.runner import Runner
+
+    return Runner.load(str(keyword_llama_dir), device="cpu", dtype="float32")

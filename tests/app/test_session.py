@@ -15,20 +15,6 @@ from tests.helpers.tiny_guard import KEYWORD
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def chat_runner(tiny_llama_dir):
-    from model.runner import Runner
-
-    return Runner.load(str(tiny_llama_dir), device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def keyword_runner(keyword_llama_dir):
-    from model.runner import Runner
-
-    return Runner.load(str(keyword_llama_dir), device="cpu", dtype="float32")
-
-
 def make_session(tmp_path, runner, guard=None, mode="strict", max_new_tokens=24):
     config = Config()
     config.generation.temperature = 0.0
@@ -43,8 +29,8 @@ def kinds(events):
     return [type(e).__name__ for e in events]
 
 
-def test_a_safe_turn_is_screened_streamed_and_stored(tmp_path, chat_runner, tiny_guard):
-    s = make_session(tmp_path, chat_runner, tiny_guard)
+def test_a_safe_turn_is_screened_streamed_and_stored(tmp_path, tiny_runner, tiny_guard):
+    s = make_session(tmp_path, tiny_runner, tiny_guard)
     events = list(s.send("Tell me about bread."))
     assert kinds(events)[:2] == ["UserStored", "Screened"] and isinstance(events[-1], Done)
     done = events[-1]
@@ -56,16 +42,16 @@ def test_a_safe_turn_is_screened_streamed_and_stored(tmp_path, chat_runner, tiny
     assert reply.verdicts and all(v["stage"] == "output" and v["safe"] for v in reply.verdicts)
 
 
-def test_blocked_message_never_reaches_the_model(tmp_path, chat_runner, tiny_guard):
-    s = make_session(tmp_path, chat_runner, tiny_guard)
+def test_blocked_message_never_reaches_the_model(tmp_path, tiny_runner, tiny_guard):
+    s = make_session(tmp_path, tiny_runner, tiny_guard)
     list(s.send("Tell me about bread."))
-    before = chat_runner.last_stats
+    before = tiny_runner.last_stats
     events = list(s.send(f"Where do I buy a {KEYWORD}?"))
     blocked = [e for e in events if isinstance(e, Blocked)][0]
     assert blocked.stage == "input" and blocked.verdict.category_names == ("Violent Crimes",)
     assert refusal(blocked.verdict) == "Blocked by Llama Guard (Violent Crimes)."
     assert not any(isinstance(e, Released) for e in events) and events[-1] == Done(None, "blocked")
-    assert chat_runner.last_stats is before  # the model did not run
+    assert tiny_runner.last_stats is before  # the model did not run
     msgs = s.history.get_conversation(s.conversation_id).messages
     assert msgs[-1].status == "blocked" and not msgs[-1].verdicts[0]["safe"]
     # The next turn's context leaves the blocked message out.
@@ -97,8 +83,8 @@ def test_fast_mode_shows_then_retracts(tmp_path, keyword_runner, tiny_guard):
     assert s.history.get_conversation(s.conversation_id).messages[-1].status == "blocked"
 
 
-def test_regenerate_and_edit_replace_the_branch(tmp_path, chat_runner, tiny_guard):
-    s = make_session(tmp_path, chat_runner, tiny_guard)
+def test_regenerate_and_edit_replace_the_branch(tmp_path, tiny_runner, tiny_guard):
+    s = make_session(tmp_path, tiny_runner, tiny_guard)
     list(s.send("First question."))
     list(s.send("Second question."))
     ids = [m.id for m in s.messages()]
@@ -106,7 +92,7 @@ def test_regenerate_and_edit_replace_the_branch(tmp_path, chat_runner, tiny_guar
     msgs = s.messages()
     assert len(msgs) == 4 and msgs[-1].id not in ids and msgs[2].id == ids[2]
     assert isinstance(again[-1], Done) and again[-1].status == "complete"
-    assert chat_runner.last_stats.cached_tokens > 0  # the conversation's KV stayed warm
+    assert tiny_runner.last_stats.cached_tokens > 0  # the conversation's KV stayed warm
     list(s.edit(ids[2], "Edited second question."))
     msgs = s.messages()
     assert [m.content for m in msgs if m.role == "user"] == ["First question.", "Edited second question."]
@@ -115,8 +101,8 @@ def test_regenerate_and_edit_replace_the_branch(tmp_path, chat_runner, tiny_guar
         list(s.edit(msgs[-1].id, "x"))
 
 
-def test_stop_keeps_the_partial_reply_marked_stopped(tmp_path, chat_runner):
-    s = make_session(tmp_path, chat_runner, None, max_new_tokens=400)
+def test_stop_keeps_the_partial_reply_marked_stopped(tmp_path, tiny_runner):
+    s = make_session(tmp_path, tiny_runner, None, max_new_tokens=400)
     cancel = threading.Event()
     events = []
     for e in s.send("Go on forever.", cancel=cancel):
@@ -131,8 +117,8 @@ def test_stop_keeps_the_partial_reply_marked_stopped(tmp_path, chat_runner):
     assert s.context()[-1]["content"] == done.text  # a stopped reply stays in context
 
 
-def test_system_prompt_switch_and_reopen(tmp_path, chat_runner):
-    s = make_session(tmp_path, chat_runner, None)
+def test_system_prompt_switch_and_reopen(tmp_path, tiny_runner):
+    s = make_session(tmp_path, tiny_runner, None)
     list(s.send("Hello."))
     s.set_system_prompt("You are a pirate.")
     cid = s.conversation_id
@@ -141,5 +127,5 @@ def test_system_prompt_switch_and_reopen(tmp_path, chat_runner):
     conv = s.open(cid)
     assert conv.system_prompt == "You are a pirate." and s.system_prompt == "You are a pirate."
     list(s.send("Again."))
-    assert chat_runner.tokenizer.decode(chat_runner._kv.ids).count("You are a pirate.") == 1
+    assert tiny_runner.tokenizer.decode(tiny_runner._kv.ids).count("You are a pirate.") == 1
     assert isinstance(next(iter(s.send("x"))), UserStored)

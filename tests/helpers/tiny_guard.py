@@ -4,7 +4,6 @@ answer like Llama Guard: "safe", or "unsafe\\nS1" when the judged message mentio
 from __future__ import annotations
 
 import random
-import shutil
 from pathlib import Path
 
 KEYWORD = "grenade"
@@ -42,7 +41,7 @@ def train_tiny_guard(folder: Path, tokenizer_dir: Path, *, steps: int = 500, see
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from tests.conftest import tiny_llama_config
+    from tests.conftest import save_with_tokenizer, tiny_llama_config
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -77,7 +76,4 @@ def train_tiny_guard(folder: Path, tokenizer_dir: Path, *, steps: int = 500, see
         loss.backward()
         opt.step()
     model.eval()
-    model.save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer_dir / name, folder / name)
-    return folder
+    return save_with_tokenizer(model, folder, tokenizer_dir)

@@ -33,20 +33,6 @@ def real_loader(runner, guard):
     return load
 
 
-@pytest.fixture(scope="module")
-def tiny_runner(tiny_llama_dir):
-    from model.runner import Runner
-
-    return Runner.load(str(tiny_llama_dir), device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def keyword_runner(keyword_llama_dir):
-    from model.runner import Runner
-
-    return Runner.load(str(keyword_llama_dir), device="cpu", dtype="float32")
-
-
 @pytest.mark.slow
 def test_send_streams_a_screened_reply_and_lists_the_chat(present_model, tiny_runner, tiny_guard):
     async def go():
