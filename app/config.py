@@ -153,7 +153,7 @@ def _coerce(value, tp, *, from_text: bool):
     raise ValueError
 
 
-def _apply(config: Config, section: str, key: str, value, *, where: str, from_text: bool = False) -> None:
+def apply_setting(config: Config, section: str, key: str, value, *, where: str, from_text: bool = False) -> None:
     if section not in SECTIONS:
         raise ConfigError(f"{where}: unknown section [{section}]; known sections: {', '.join(SECTIONS)}.")
     types = _section_types(section)
@@ -189,16 +189,16 @@ def load_config(path: Path | None = None, *, env: typing.Mapping[str, str] | Non
             if not isinstance(table, dict):
                 raise ConfigError(f"{path}: {section!r} must be a [section] table; known sections: {', '.join(SECTIONS)}.")
             for key, value in table.items():
-                _apply(config, section, key, value, where=str(path))
+                apply_setting(config, section, key, value, where=str(path))
     env = os.environ if env is None else env
     for name, value in env.items():
         if name.startswith("LLAMA_CHAT_") and name != "LLAMA_CHAT_HOME":
             section, _, key = name[len("LLAMA_CHAT_"):].lower().partition("_")
-            _apply(config, section, key, value, where=f"environment variable {name}", from_text=True)
+            apply_setting(config, section, key, value, where=f"environment variable {name}", from_text=True)
     for dotted, value in (overrides or {}).items():
         if value is not None:
             section, _, key = dotted.partition(".")
-            _apply(config, section, key, value, where="command line")
+            apply_setting(config, section, key, value, where="command line")
     return config
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import threading
-from importlib import metadata
 from pathlib import Path
 
 from textual import on, work
@@ -17,20 +16,18 @@ from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
-from textual.widgets import Footer, Input, OptionList, Static
-from textual.widgets.option_list import Option
+from textual.widgets import Footer, Input, Static
 from textual.worker import Worker, WorkerState
 
 from app.config import Config
 from app.errors import LlamaChatError
 from app.history import History
 from app.session import Blocked, ChatSession, Done, Engine, Error, Released, Retracted, Screened, UserStored, refusal
-from app.tui.screens import (AboutScreen, ConfirmScreen, FirstRunScreen, SettingsScreen, SystemPromptScreen,
-                             TextInputScreen, VerdictScreen)
+from app.tui.conversations import ConversationList, ConversationsMixin
+from app.tui.dialogs import DialogsMixin
+from app.tui.screens import FirstRunScreen, VerdictScreen
 from app.tui.widgets import MessageView, PromptArea, StatusBar
 
-MODEL_CHOICES = [("Llama 3.2 1B Instruct", "meta-llama/Llama-3.2-1B-Instruct"),
-                 ("Llama 3.2 3B Instruct", "meta-llama/Llama-3.2-3B-Instruct")]
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
 
 
@@ -52,20 +49,6 @@ class LoadProgress(Message):
         self.text = text
 
 
-class ConversationList(OptionList):
-    BINDINGS = [Binding("r", "rename", "Rename"), Binding("delete,d", "delete", "Delete"),
-                Binding("x", "export", "Export")]
-
-    def action_rename(self) -> None:
-        self.app.action_rename_conversation()
-
-    def action_delete(self) -> None:
-        self.app.action_delete_conversation()
-
-    def action_export(self) -> None:
-        self.app.action_export_conversation()
-
-
 def short_name(source: str) -> str:
     """'meta-llama/Llama-3.2-1B-Instruct' -> 'Llama-3.2-1B-Instruct'; a path -> its last part."""
     name = source.rstrip("/").split("/")[-1]
@@ -76,7 +59,7 @@ def load_engine(config: Config, *, demo: bool, progress) -> Engine:
     return Engine.load(config, use_guard=config.guard.enabled, demo=demo, progress=progress)
 
 
-class LlamaChatApp(App):
+class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
     CSS_PATH = Path(__file__).parent / "app.tcss"  # absolute: subclasses elsewhere find it too
     TITLE = "llama-chat"
     BINDINGS = [
@@ -241,99 +224,6 @@ class LlamaChatApp(App):
         self.query_one("#status", StatusBar).show(model=name, device=device, guard=guard, context=context, speed=speed)
 
     # -- conversations ---------------------------------------------------------------------------
-    def refresh_conversations(self, query: str = "") -> None:
-        listing = self.query_one("#conversations", ConversationList)
-        listing.clear_options()
-        if query.strip():
-            rows = [(h["conversation_id"], h["title"]) for h in self.history.search(query)]
-        else:
-            rows = [(c.id, c.title) for c in self.history.list_conversations()]
-        listing.add_options([Option(title, id=f"c{cid}") for cid, title in rows])
-        if self.session.conversation_id is not None:
-            try:
-                listing.highlighted = listing.get_option_index(f"c{self.session.conversation_id}")
-            except Exception:  # not in the filtered list
-                pass
-
-    @on(Input.Changed, "#search")
-    def search_changed(self, event: Input.Changed) -> None:
-        self.refresh_conversations(event.value)
-
-    @on(OptionList.OptionSelected, "#conversations")
-    def conversation_selected(self, event: OptionList.OptionSelected) -> None:
-        if self.busy:
-            self.notify("Wait for the reply to finish, or press Esc to stop it.", severity="warning")
-            return
-        self.open_conversation(int(event.option.id[1:]))
-
-    def open_conversation(self, cid: int) -> None:
-        conv = self.session.open(cid)
-        self.editing = None
-        transcript = self.query_one("#transcript", VerticalScroll)
-        transcript.remove_children()
-        transcript.mount_all([MessageView(m.role, self.display_text(m.content, m.status, m.verdicts), message_id=m.id,
-                                          status=m.status, verdicts=m.verdicts, guarded=m.guarded)
-                              for m in conv.messages])
-        last = next((m.stats for m in reversed(conv.messages) if m.stats), None)
-        self._stats = last or {}
-        self.refresh_status()
-        self.query_one("#prompt", PromptArea).focus()
-
-    @staticmethod
-    def display_text(text: str, status: str, verdicts: list) -> str:
-        if status != "blocked":
-            return text
-        failed = [v for v in verdicts if not v["safe"]]
-        names = ", ".join(failed[-1]["category_names"]) if failed else ""
-        return f"*Blocked by Llama Guard ({names or 'unsafe content'}).*"
-
-    def selected_conversation(self) -> int | None:
-        listing = self.query_one("#conversations", ConversationList)
-        if listing.highlighted is not None and listing.option_count:
-            return int(listing.get_option_at_index(listing.highlighted).id[1:])
-        return self.session.conversation_id
-
-    def action_rename_conversation(self) -> None:
-        cid = self.selected_conversation()
-        if cid is None:
-            return
-
-        def renamed(title):
-            if title:
-                self.history.update_conversation(cid, title=title)
-                self.refresh_conversations(self.query_one("#search", Input).value)
-
-        title = self.history.get_conversation(cid, with_messages=False).title
-        self.push_screen(TextInputScreen("Rename conversation", title, screen_id="rename"), renamed)
-
-    def action_delete_conversation(self) -> None:
-        cid = self.selected_conversation()
-        if cid is None or self.busy:
-            return
-        title = self.history.get_conversation(cid, with_messages=False).title
-
-        def confirmed(yes):
-            if yes:
-                self.history.delete_conversation(cid)
-                if self.session.conversation_id == cid:
-                    self.action_new_chat()
-                self.refresh_conversations(self.query_one("#search", Input).value)
-                self.notify(f"Deleted “{title}”.")
-
-        self.push_screen(ConfirmScreen(f"Delete “{title}” and all its messages?"), confirmed)
-
-    def action_export_conversation(self) -> None:
-        from app.paths import data_dir, private_dir
-
-        cid = self.selected_conversation()
-        if cid is None:
-            return
-        folder = private_dir(data_dir() / "exports")
-        path = folder / f"conversation-{cid}.md"
-        path.write_text(self.history.export(cid, "md"), encoding="utf-8")
-        (folder / f"conversation-{cid}.json").write_text(self.history.export(cid, "json"), encoding="utf-8")
-        self.notify(f"Exported to {path} (and .json).", timeout=8)
-
     # -- chat ------------------------------------------------------------------------------------
     @on(PromptArea.Submitted)
     def submitted(self, event: PromptArea.Submitted) -> None:
@@ -349,10 +239,11 @@ class LlamaChatApp(App):
         self._pending_text = text
         self.query_one("#prompt", PromptArea).clear()
         transcript = self.query_one("#transcript", VerticalScroll)
-        if self.editing is not None:
-            for view in list(transcript.query(MessageView)):
-                if view.message_id is not None and view.message_id >= self.editing:
-                    view.remove()
+        if self.editing is not None:  # the edited message and everything after it are replaced
+            views = list(transcript.query(MessageView))
+            start = next((i for i, v in enumerate(views) if v.message_id == self.editing), len(views))
+            for view in views[start:]:
+                view.remove()
         self.user_view = MessageView("user", text, status="streaming", guarded=self.session.guarded)
         self.reply_view = MessageView("assistant", "", status="streaming", guarded=self.session.guarded)
         transcript.mount_all([self.user_view, self.reply_view])
@@ -444,7 +335,7 @@ class LlamaChatApp(App):
         if self.busy or self.session.engine is None or self.session.conversation_id is None:
             return
         views = list(self.query_one("#transcript", VerticalScroll).query(MessageView))
-        if not views or views[-1].role != "assistant" or views[-1].status == "blocked":
+        if not views or views[-1].role != "assistant" or views[-1].message_id is None:
             self.notify("There is no answered message to regenerate.", severity="warning")
             return
         views[-1].remove()
@@ -521,79 +412,6 @@ class LlamaChatApp(App):
             self.notify("The last reply has no code block.", severity="warning")
 
     # -- screens ---------------------------------------------------------------------------------
-    def action_about(self) -> None:
-        from assets import read_text
-
-        engine = self.session.engine
-        models = [f"chat: {engine.model_name if engine else self.config.model.source}",
-                  f"guard: {self.config.guard.source if self.config.guard.enabled else 'off (unguarded)'}"]
-        self.push_screen(AboutScreen(read_text("about.md"), models, self.versions()))
-
-    @staticmethod
-    def versions() -> dict[str, str]:
-        out = {}
-        for dist in ("llama-chat", "textual", "torch", "transformers"):
-            try:
-                out[dist] = metadata.version(dist)
-            except metadata.PackageNotFoundError:
-                out[dist] = "not installed"
-        return out
-
-    def action_system_prompt(self) -> None:
-        def chosen(result):
-            if not result:
-                return
-            if result[0] == "save":
-                _kind, name, text = result
-                from app.presets import save_preset
-
-                save_preset(name, text)
-                self.notify(f"Saved preset “{name}”.")
-            text = result[-1]
-            self.session.set_system_prompt(text)
-            self.session.engine and self.session.engine.runner.reset()
-            self.notify("System prompt set for this conversation.")
-
-        self.push_screen(SystemPromptScreen(self.config.all_presets(), self.session.system_prompt), chosen)
-
-    def action_settings(self) -> None:
-        def applied(changes):
-            if not changes:
-                return
-            from app.config import _apply
-
-            old = (self.config.model.source, self.config.model.quantize)
-            for dotted, value in changes.items():
-                section, _, key = dotted.partition(".")
-                if value is None:
-                    setattr(getattr(self.config, section), key, None)
-                else:
-                    _apply(self.config, section, key, value, where="settings")
-            if (self.config.model.source, self.config.model.quantize) != old:
-                if self.busy:
-                    self.cancel.set()
-                self.session.engine = None
-                self.loading_text = "reloading…"
-                self.guard_state = "loading" if self.config.guard.enabled else "off"
-                self.refresh_status()
-                self.load_models()
-            self.notify("Settings applied for this run.")
-
-        choices = MODEL_CHOICES + [(s, s) for s in self.cached_sources() if s not in dict(MODEL_CHOICES).values()]
-        self.push_screen(SettingsScreen(self.config, choices, self.config.guard.enabled), applied)
-
-    @staticmethod
-    def cached_sources() -> list[str]:
-        """Llama checkpoints present in the local Hugging Face cache."""
-        try:
-            from huggingface_hub import scan_cache_dir
-
-            repos = scan_cache_dir().repos
-        except Exception:  # no cache folder yet
-            return []
-        return sorted(r.repo_id for r in repos if r.repo_type == "model" and "llama" in r.repo_id.lower()
-                      and "guard" not in r.repo_id.lower())
-
     def get_system_commands(self, screen):
         yield from super().get_system_commands(screen)
         yield SystemCommand("About", "Built with Llama: license notice, models and versions", self.action_about)
