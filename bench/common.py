@@ -34,7 +34,7 @@ def random_llama(shape: dict, *, dtype, tied: bool = True, seed: int = 0):
 
     config = llama_config(shape, tied=tied)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config).to(dtype)  # allocate in the final dtype, not fp32 first
     model.to_empty(device="cpu")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -85,10 +85,13 @@ def main(argv=None) -> int:
     rows = []
     for turn in range(turns):
         messages.append({"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]})
+        ids = runner.fit(messages, date=date, max_new_tokens=new_tokens)[0]
+        if turn % 2:  # alternate which runs first, so neither gains from the order
+            b_ttft, b_decode = baseline_turn(model, ids, new_tokens)
         reply = "".join(runner.stream(messages, sampling=sampling, date=date))
         s = runner.last_stats
-        ids = runner.fit(messages, date=date, max_new_tokens=new_tokens)[0]
-        b_ttft, b_decode = baseline_turn(model, ids, new_tokens)
+        if not turn % 2:
+            b_ttft, b_decode = baseline_turn(model, ids, new_tokens)
         row = {"turn": turn + 1, "prompt_tokens": s.prompt_tokens, "cached_tokens": s.cached_tokens,
                "ttft_s": round(s.ttft_s, 4), "baseline_ttft_s": round(b_ttft, 4),
                "decode_tok_s": round(s.decode_tok_s, 2), "baseline_decode_tok_s": round(b_decode, 2)}
