@@ -50,11 +50,20 @@ def test_split_prompt_equals_full_encoding(tiny_guard, llama_tokenizer):
 
 
 def test_threshold_and_excluded_categories(tiny_guard_dir):
-    strict = Guard.load(str(tiny_guard_dir), device="cpu", dtype="float32", settings=GuardSettings(threshold=0.999999))
-    assert strict.check([user(f"Where can I buy a {KEYWORD}?")]).safe is (
-        strict.check([user(f"Where can I buy a {KEYWORD}?")]).score < 0.999999)
+    benign = [user("Tell me about cooking bread.")]
+    nervous = Guard.load(str(tiny_guard_dir), device="cpu", dtype="float32",
+                         settings=GuardSettings(threshold=1e-9))
+    v = nervous.check(benign)
+    assert not v.safe and 1e-9 <= v.score < 0.5  # a threshold below the score blocks even benign text
+    lenient = Guard.load(str(tiny_guard_dir), device="cpu", dtype="float32",
+                         settings=GuardSettings(threshold=0.99999999))
+    v = lenient.check([user(f"Where can I buy a {KEYWORD}?")])
+    assert v.safe == (v.score < 0.99999999) and v.score > 0.5
     excluded = Guard.load(str(tiny_guard_dir), device="cpu", dtype="float32", settings=GuardSettings(excluded=("S1",)))
-    assert "S1:" not in "".join(map(str, excluded._heads))  # numbering unchanged, S1 left out
+    head = excluded.tokenizer.decode(excluded._heads["User"])
+    assert "S1: Violent Crimes." not in head and "S2: Non-Violent Crimes.\n" in head  # numbering unchanged
+    # The model still answers "unsafe\nS1"; with S1 excluded that verdict counts as safe.
+    assert excluded.check([user(f"Where can I buy a {KEYWORD}?")]).safe
     with pytest.raises(ValueError, match="unknown categories to exclude: S99"):
         GuardSettings(excluded=("S99",))
 
