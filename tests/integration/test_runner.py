@@ -211,3 +211,21 @@ def test_smollm2_answers_paris_and_reuses_cache(smollm2_gguf):
     msgs += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And of Germany?"}]
     reply(r, msgs, Sampling(temperature=0, max_new_tokens=30))
     assert r.last_stats.cached_tokens > 30
+
+
+def test_decode_attention_matches_sdpa(tiny_llama_dir, tiny_runner_factory):
+    """The runner's single-query attention gives the same logits as transformers' SDPA path."""
+    from transformers import AutoModelForCausalLM
+
+    from model.kvcache import PrefixCache
+
+    r = tiny_runner_factory()
+    assert r.model.config._attn_implementation == "llama_chat_decode"
+    ref = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    assert ref.config._attn_implementation == "sdpa"
+    a, b = PrefixCache(ref), PrefixCache(r.model)
+    with torch.inference_mode():
+        ids = list(range(1000, 1400))
+        torch.testing.assert_close(a.extend_to(ids)[0], b.extend_to(ids)[0])
+        for t in range(6):
+            torch.testing.assert_close(a.forward([2000 + t]), b.forward([2000 + t]), atol=1e-5, rtol=1e-5)
