@@ -37,6 +37,18 @@ class _FirstTokenClock:
 
 
 def baseline_turn(model, ids, new_tokens):
+    """Plain generate() on the model as transformers runs it (its SDPA attention, not the runner's)."""
+    import torch
+
+    runner_attention = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    try:
+        return _generate_timed(model, ids, new_tokens)
+    finally:
+        model.set_attn_implementation(runner_attention)
+
+
+def _generate_timed(model, ids, new_tokens):
     import torch
 
     clock = _FirstTokenClock()
@@ -105,10 +117,13 @@ def main(argv=None) -> int:
     "".join(runner.stream(long, sampling=Sampling(temperature=0, max_new_tokens=1), date=date))
     prefill = runner.last_stats
     ids = runner.fit(long, date=date, max_new_tokens=1)[0]
+    runner_attention = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
     t0 = time.perf_counter()
     with torch.inference_mode():
         model(torch.tensor([ids]), logits_to_keep=1)
     baseline_prefill = len(ids) / (time.perf_counter() - t0)
+    model.set_attn_implementation(runner_attention)
 
     def mean(key):
         return round(sum(r[key] for r in rows) / len(rows), 2)

@@ -61,8 +61,11 @@ class Guard:
             raise GuardError(f"{name} does not have the Llama 3 tokenizer Llama Guard 3 needs.")
         from guard.fastpath import optimise_for_checks
 
+        from model.attention import use_grouped_attention
+
         self.model, self.tokenizer, self.name = model, tokenizer, name
         optimise_for_checks(model)
+        use_grouped_attention(model)
         self.settings = settings or GuardSettings()
         self._nn = self._single_token("\n\n")
         self._safe, self._unsafe = self._single_token("safe"), self._single_token("unsafe")

@@ -21,6 +21,8 @@ class LastPositionOnly(nn.Module):
     def forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None, **kwargs):
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+        from model.attention import grouped_attention
+
         layer, attn = self.layer, self.layer.self_attn
         b, n, _ = hidden_states.shape
         x = layer.input_layernorm(hidden_states)
@@ -33,8 +35,8 @@ class LastPositionOnly(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v, attn.layer_idx)
         # The last position attends to every cached and new position: no mask needed.
-        out = nn.functional.scaled_dot_product_attention(q, k, v, scale=attn.scaling, enable_gqa=True)
-        h = hidden_states[:, -1:] + attn.o_proj(out.transpose(1, 2).reshape(b, 1, -1))
+        out, _ = grouped_attention(attn, q, k, v, None, scaling=attn.scaling)  # [b, 1, heads, dim]
+        h = hidden_states[:, -1:] + attn.o_proj(out.reshape(b, 1, -1))
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
 

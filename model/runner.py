@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Iterator, Sequence
 
-from model.attention import use_decode_attention
+from model.attention import use_grouped_attention
 from model.detok import TextStream
 from model.errors import ContextError
 from model.kvcache import PrefixCache
@@ -54,7 +54,7 @@ class Runner:
         self.device = device
         limit = getattr(self.model.config, "max_position_embeddings", 8192) or 8192
         self.context_window = min(context_window or (8192 if device == "cpu" else 32768), limit)
-        use_decode_attention(self.model)
+        use_grouped_attention(self.model)
         self._kv = PrefixCache(self.model)
         self._replies: OrderedDict[str, tuple[int, ...]] = OrderedDict()  # reply text -> generated ids
         self._special_ids = {i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}

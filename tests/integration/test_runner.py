@@ -213,19 +213,24 @@ def test_smollm2_answers_paris_and_reuses_cache(smollm2_gguf):
     assert r.last_stats.cached_tokens > 30
 
 
-def test_decode_attention_matches_sdpa(tiny_llama_dir, tiny_runner_factory):
-    """The runner's single-query attention gives the same logits as transformers' SDPA path."""
+def test_grouped_attention_matches_sdpa(tiny_llama_dir, tiny_runner_factory):
+    """The runner's grouped attention (decode steps, short chunks) gives the same logits as SDPA."""
     from transformers import AutoModelForCausalLM
 
     from model.kvcache import PrefixCache
 
     r = tiny_runner_factory()
-    assert r.model.config._attn_implementation == "llama_chat_decode"
+    assert r.model.config._attn_implementation == "llama_chat_grouped"
     ref = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     assert ref.config._attn_implementation == "sdpa"
     a, b = PrefixCache(ref), PrefixCache(r.model)
     with torch.inference_mode():
         ids = list(range(1000, 1400))
         torch.testing.assert_close(a.extend_to(ids)[0], b.extend_to(ids)[0])
-        for t in range(6):
+        for t in range(6):  # single queries
             torch.testing.assert_close(a.forward([2000 + t]), b.forward([2000 + t]), atol=1e-5, rtol=1e-5)
+        more = ids[:300] + list(range(3000, 3060))  # 60 causal queries after a cached prefix
+        torch.testing.assert_close(a.extend_to(more)[0], b.extend_to(more)[0], atol=1e-5, rtol=1e-5)
+        longer = more[:200] + list(range(4000, 4300))  # 300 queries after a cached prefix: the SDPA path
+        torch.testing.assert_close(a.extend_to(longer)[0], b.extend_to(longer)[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.forward([7]), b.forward([7]), atol=1e-5, rtol=1e-5)
