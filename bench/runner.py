@@ -38,7 +38,6 @@ class _FirstTokenClock:
 
 def baseline_turn(model, ids, new_tokens):
     """Plain generate() on the model as transformers runs it (its SDPA attention, not the runner's)."""
-    import torch
 
     runner_attention = model.config._attn_implementation
     model.set_attn_implementation("sdpa")

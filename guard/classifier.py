@@ -119,13 +119,15 @@ class Guard:
         return self.tokenizer(conversation_text(messages), add_special_tokens=False,
                               split_special_tokens=True)["input_ids"]
 
-    def _classify(self, messages: Sequence[dict]) -> Verdict:
+    def _classify(self, messages: Sequence[dict], conversation_ids: list[int] | None = None) -> Verdict:
         """One check of a conversation that fits the budget. Raises on internal errors."""
         import torch
 
         role = judged_role(messages)
         kv = self._kv[role]
-        ids = self._heads[role] + self._encode_conversation(messages) + self._tails[role] + [self._nn]
+        if conversation_ids is None:
+            conversation_ids = self._encode_conversation(messages)
+        ids = self._heads[role] + conversation_ids + self._tails[role] + [self._nn]
         with torch.inference_mode():
             logits, _ = kv.extend_to(ids, rows=(self._safe, self._unsafe))
             score = float(torch.softmax(logits.float(), dim=-1)[1])  # P(unsafe) between the two answers
@@ -165,6 +167,9 @@ class Guard:
 
     def _check_within_budget(self, messages: list[dict]) -> Verdict:
         budget = self.settings.token_budget
+        whole = self._encode_conversation(messages)
+        if len(whole) <= budget:  # the common case: one tokenization, reused for the check
+            return self._classify(messages, whole)
         sizes = [len(self._encode_conversation([m])) for m in messages]
         if sizes[-1] > budget:
             return self._check_windows(messages)

@@ -170,6 +170,3 @@ class Runner:
             self._remember(out.text, out.ids)
             if tail:
                 yield tail
-
-    def count_tokens(self, messages: Sequence[dict], *, date=None) -> int:
-        return len(encode_chat(self.tokenizer, messages, date=date or _dt.date.today(), reply_ids=self._replies))
