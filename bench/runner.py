@@ -7,7 +7,7 @@ import argparse
 import datetime as dt
 import time
 
-from bench.common import LLAMA_1B, QUICK, emit, env_note, llama_tokenizer, peak_rss_mb, random_llama, threads
+from bench.common import LLAMA_1B, QUICK, answer_like_a_chat_model, emit, env_note, llama_tokenizer, peak_rss_mb, random_llama, threads
 
 QUESTIONS = [
     "Explain how a KV cache speeds up autoregressive decoding.",
@@ -87,6 +87,7 @@ def main(argv=None) -> int:
     dtype = pick_dtype("auto", "cpu")
     tok = llama_tokenizer()
     model = random_llama(shape, dtype=dtype)
+    masked = answer_like_a_chat_model(model, tok)
     # Random weights rarely emit an end token; no eos makes every reply exactly `new_tokens` long.
     runner = Runner(Loaded(model, tok, Source("folder", None, "random"), (-1,), {}), device="cpu")
     sampling = Sampling(temperature=0, max_new_tokens=new_tokens)
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
         "threads": threads(), "turns": turns, "new_tokens_per_turn": new_tokens,
         "decode_tok_s": mean("decode_tok_s"), "baseline_decode_tok_s": mean("baseline_decode_tok_s"),
         "prefill_tok_s": round(prefill.prefill_tok_s, 1), "baseline_prefill_tok_s": round(baseline_prefill, 1),
-        "prefill_tokens": prefill.prompt_tokens,
+        "prefill_tokens": prefill.prompt_tokens, "masked_vocab_ids": masked,
         "ttft_s": ttft, "baseline_ttft_s": [r["baseline_ttft_s"] for r in rows],
         "ttft_last_over_first": round(ttft[-1] / ttft[0], 2),
         "peak_rss_mb": round(peak_rss_mb(), 1), **env_note(),
