@@ -56,6 +56,8 @@ class ModelSettings:
     context: int = _f(0, "context window in tokens; 0 means 8192 on CPU, 32768 on GPU", _at_least(0))
     quantize: str = _f("bf16", "CPU weight mode: bf16 (none), int8, int4 (group 32, int8 output layer) or int4-fast",
                        _one_of("bf16", "int8", "int4", "int4-fast"))
+    compile: str = _f("auto", "compiled decoding, warmed in the background: auto (in the app, on CPU), on or off",
+                      _one_of("auto", "on", "off"))
 
 
 @dataclass

@@ -21,6 +21,7 @@ def report(config) -> str:
     import transformers
 
     from app.paths import cache_dir, config_file, data_dir, database_file
+    from model.compiled import can_compile
     from model.device import cpu_has_native_bf16, physical_cores, pick_device, pick_dtype
 
     device = pick_device(config.model.device)
@@ -31,6 +32,8 @@ def report(config) -> str:
         f"dtype         {str(pick_dtype(config.model.dtype, device)).replace('torch.', '')} "
         f"(asked: {config.model.dtype}; native CPU bf16: {'yes' if cpu_has_native_bf16() else 'no'})",
         f"cpu threads   {physical_cores()} physical cores",
+        f"weights       {config.model.quantize}; compiled decoding {config.model.compile}: "
+        f"{can_compile() or 'available'}",
         f"chat model    {config.model.source}: {_model_state(config.model.source)}",
         f"guard         {'on' if config.guard.enabled else 'OFF (replies are not screened)'}, mode {config.guard.mode}, "
         f"threshold {config.guard.threshold}, excluded {', '.join(config.guard.excluded) or 'none'}",

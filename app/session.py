@@ -93,8 +93,10 @@ class Engine:
     demo: bool = False
 
     @classmethod
-    def load(cls, config: Config, *, use_guard: bool, demo: bool = False, progress=None) -> "Engine":
-        """Load both models; a guard that cannot load stops everything (fail closed)."""
+    def load(cls, config: Config, *, use_guard: bool, demo: bool = False, progress=None,
+             interactive: bool = False) -> "Engine":
+        """Load both models; a guard that cannot load stops everything (fail closed). `interactive`:
+        a chat that lasts, where compiling decode steps in the background pays off (model.compile auto)."""
         from model.runner import Runner
 
         say = progress or (lambda msg: None)
@@ -107,8 +109,16 @@ class Engine:
 
         runner = Runner.load(config.model.source, device=config.model.device, dtype=config.model.dtype,
                              context_window=config.model.context or None, quantize=config.model.quantize,
-                             cache_folder=cache_dir() / "quantized")
+                             cache_folder=cache_dir() / "quantized", compile=wants_compile(config, interactive),
+                             compile_folder=cache_dir() / "inductor")
         return cls(runner, guard, runner.source.name, demo)
+
+
+def wants_compile(config: Config, interactive: bool) -> bool:
+    from model.device import pick_device
+
+    mode = config.model.compile
+    return mode == "on" or (mode == "auto" and interactive and pick_device(config.model.device) == "cpu")
 
 
 def load_guard(config: Config):

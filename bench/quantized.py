@@ -3,11 +3,13 @@
 A random-weight Llama-3.2-1B-shaped checkpoint is written to a temporary folder; `python -m model` then
 runs in fresh processes: first token cold (empty quantization cache: load bf16, quantize, store) and
 warm (cache hit), decode speed at short context and at ~1k tokens of context, and the peak RSS of the
-warm process. Plain transformers generate() in bf16 runs on the same checkpoint in this process.
+warm process. Then, in this process, decode speed once compiled steps are ready (model.compiled), as a
+chat in the app reaches it. Plain transformers generate() in bf16 runs on the same checkpoint here too.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -54,6 +56,49 @@ def baseline_decode(folder: Path, dtype, new_tokens: int) -> float:
     return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - t0)
 
 
+def compiled_decode(folder: Path, home: Path, mode: str, new_tokens: int) -> dict:
+    """Decode speed with compiled steps once they are ready, as a chat in the app reaches it, against
+    eager steps on the same weights in the same fresh process, alternating which runs first. The
+    quantized weights come from the cache the earlier processes built; inductor's cache starts empty."""
+    env = {**os.environ, "LLAMA_CHAT_HOME": str(home)}
+    cmd = [sys.executable, "-m", "bench.quantized", str(folder), mode, str(new_tokens)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"compiled decoding failed: {proc.stderr[-2000:]}")
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    for line in lines[:-1]:
+        emit(line)
+    return lines[-1]
+
+
+def _compiled_decode_here(folder: Path, mode: str, new_tokens: int) -> dict:
+    from model.loading import Loaded
+    from model.runner import Runner
+    from model.sampling import Sampling
+
+    runner = Runner.load(str(folder), device="cpu", quantize=mode, compile=True)
+    eager = Runner(Loaded(runner.model, runner.tokenizer, runner.source, tuple(runner.eos_ids), runner.defaults),
+                   device="cpu")
+    t0 = time.perf_counter()
+    if not runner.compiled.wait(1):
+        raise SystemExit(f"compiling failed: {runner.compiled.error}")
+    out = {"compile_first_bucket_s": round(time.perf_counter() - t0, 2)}
+    greedy = Sampling(temperature=0, max_new_tokens=new_tokens)
+    for turn, (key, prompt) in enumerate((("short", "Tell me a story about the sea."), ("1k", LONG_PROMPT))):
+        messages = [{"role": "user", "content": prompt}]
+        n = len(runner.fit(messages, date=dt.date.today(), max_new_tokens=new_tokens)[0])
+        if not (runner.compiled.wait(n) and runner.compiled.wait(n + new_tokens)):
+            raise SystemExit(f"compiling failed: {runner.compiled.error}")
+        while runner.compiled.busy:  # measure steady state, not decoding beside a compile
+            time.sleep(0.1)
+        for name, r in ((("compiled", runner), ("eager", eager))[:: 1 if turn % 2 else -1]):
+            r.reset()
+            "".join(r.stream(messages, sampling=greedy))
+            emit({"phase": f"{name} {key} (same process)", **r.last_stats.to_dict()})
+            out[f"{name}_{key}"] = round(r.last_stats.decode_tok_s, 2)
+    return out
+
+
 def main(args) -> int:
     from model.device import configure_threads, pick_dtype
 
@@ -77,6 +122,7 @@ def main(args) -> int:
         emit({"phase": "short", **short["stats"]})
         long = _run_model(folder, home, args.quantize, LONG_PROMPT, new_tokens)
         emit({"phase": "1k", **long["stats"]})
+        compiled = compiled_decode(folder, home, args.quantize, new_tokens)
         baseline = baseline_decode(folder, dtype, new_tokens)
         emit({
             "quantize": args.quantize, "shape": "llama-3.2-1b" if not args.quick else "quick", **shape,
@@ -85,8 +131,19 @@ def main(args) -> int:
             "decode_tok_s_1k": round(long["stats"]["decode_tok_s"], 2), "context_1k_tokens": long["stats"]["prompt_tokens"],
             "first_token_cold_s": round(cold["first_token_s"], 2), "first_token_warm_s": round(warm["first_token_s"], 2),
             "peak_rss_mb": round(short["peak_rss_mb"], 1),
+            "compiled_decode_tok_s": compiled["compiled_short"], "compiled_decode_tok_s_1k": compiled["compiled_1k"],
+            "same_process_eager_decode_tok_s": compiled["eager_short"],
+            "same_process_eager_decode_tok_s_1k": compiled["eager_1k"],
+            "compile_first_bucket_s": compiled["compile_first_bucket_s"],
             "baseline_bf16_generate_decode_tok_s": round(baseline, 2), **env_note(),
         })
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+if __name__ == "__main__":  # the fresh process compiled_decode() starts
+    from model.device import configure_threads
+
+    configure_threads("cpu")
+    emit(_compiled_decode_here(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])))

@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=None, help="context window in tokens (default 8192 on CPU)")
     p.add_argument("--quantize", default="bf16", choices=("bf16", "int8", "int4", "int4-fast"),
                    help="CPU weight mode: bf16 (none), int8, int4 (group 32, int8 output layer), int4-fast (group 128)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile decode steps in the background; replies switch over once ready (see model.compiled)")
     p.add_argument("--stats", action="store_true", help="print one JSON line of stats per turn to stderr")
     return p
 
@@ -38,7 +40,7 @@ def main(argv=None) -> int:
     try:
         sampling.validate()
         runner = Runner.load(args.model, device=args.device, dtype=args.dtype, context_window=args.context,
-                             quantize=args.quantize)
+                             quantize=args.quantize, compile=args.compile)
         messages = [{"role": "system", "content": args.system}] if args.system else []
         for prompt in args.prompts:
             messages.append({"role": "user", "content": prompt})

@@ -22,9 +22,23 @@ class PrefixCache:
         self.model = model
         self.cache = None
         self.ids: list[int] = []
+        self.step = None  # a compiled one-token step for `cache` (see model.compiled), or None: eager
 
     def reset(self) -> None:
-        self.cache, self.ids = None, []
+        self.cache, self.ids, self.step = None, [], None
+
+    def move_to(self, cache, step=None) -> None:
+        """Carry the cached positions over to `cache` (a DynamicCache or a StaticCache large enough),
+        decoding with `step` from then on."""
+        if cache is self.cache:
+            return
+        n = len(self.ids)
+        if cache.get_seq_length():
+            cache.crop(-int(cache.get_seq_length()))
+        if self.cache is not None and n:
+            for i, layer in enumerate(self.cache.layers):
+                cache.update(layer.keys[:, :, :n], layer.values[:, :, :n], i)
+        self.cache, self.step = cache, step
 
     def crop(self, n: int) -> None:
         """Keep the first `n` positions."""
@@ -52,6 +66,8 @@ class PrefixCache:
                     hidden = self.model.get_decoder()(input_ids=x, cache=self.cache, use_cache=True).last_hidden_state
                     weight = self.model.get_output_embeddings().weight[list(rows)]
                     logits = torch.nn.functional.linear(hidden[0, -1], weight)
+                elif self.step is not None and len(chunk) == 1:
+                    logits = self.step(x, self.cache)
                 else:
                     logits = self.model(input_ids=x, cache=self.cache, use_cache=True, logits_to_keep=1).logits[0, -1]
             except BaseException:

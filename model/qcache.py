@@ -39,14 +39,18 @@ def _digest(path: Path) -> str:
         return hashlib.file_digest(f, "blake2b").hexdigest()
 
 
-def default_cache_folder() -> Path:
+def app_cache_folder() -> Path:
     """The app's cache folder (LLAMA_CHAT_HOME aware) without importing the app package."""
     home = os.environ.get("LLAMA_CHAT_HOME")
     if home:
-        return Path(home).expanduser() / "cache" / "quantized"
+        return Path(home).expanduser() / "cache"
     from platformdirs import user_cache_path
 
-    return user_cache_path("llama-chat") / "quantized"
+    return user_cache_path("llama-chat")
+
+
+def default_cache_folder() -> Path:
+    return app_cache_folder() / "quantized"
 
 
 def load_quantized(source, mode: str, *, dtype, cache_folder: Path | None, build):

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 from model.attention import use_grouped_attention
 from model.detok import TextStream
 from model.errors import ContextError
-from model.kvcache import PrefixCache
+from model.kvcache import PrefixCache, common_prefix
 from model.loading import Loaded, load_checkpoint, resolve_source
 from model.prompt import encode_chat
 from model.sampling import Sampling, next_token
@@ -37,6 +37,7 @@ class TurnStats:
     trimmed: bool = False  # oldest turns were dropped to fit the context window
     dropped_messages: int = 0
     stop_reason: str = ""  # eos, length or cancelled
+    compiled_steps: int = 0  # decode steps that ran compiled (see model.compiled)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,11 +63,14 @@ class Runner:
         self.last_stats: TurnStats | None = None
         self.last_reply_ids: list[int] = []
         self.quantize = "bf16"
+        self.compiled = None  # a model.compiled.CompiledDecoder once `compile_decoding` is called
 
     @classmethod
     def load(cls, src, *, device: str = "auto", dtype: str = "auto", threads: int | None = None,
-             context_window: int | None = None, quantize: str = "bf16", cache_folder=None) -> "Runner":
-        """`quantize`: bf16 (none), int8, int4 or int4-fast (CPU; see model.quant)."""
+             context_window: int | None = None, quantize: str = "bf16", cache_folder=None,
+             compile: bool = False, compile_folder=None) -> "Runner":
+        """`quantize`: bf16 (none), int8, int4 or int4-fast (CPU; see model.quant). `compile`: decode
+        with compiled steps once they are ready (see `compile_decoding`)."""
         from model.device import configure_threads, pick_device, pick_dtype
 
         dev = pick_device(device)
@@ -78,7 +82,35 @@ class Runner:
                                  cache_folder=cache_folder)
         runner = cls(loaded, device=dev, context_window=context_window)
         runner.quantize = quantize
+        if compile:
+            runner.compile_decoding(compile_folder)
         return runner
+
+    def compile_decoding(self, cache_folder=None) -> None:
+        """Start compiling decode steps in the background; replies switch to them, between two tokens,
+        as soon as the bucket of static cache they need is ready. Greedy output does not change."""
+        from model.compiled import CompiledDecoder
+
+        if self.compiled is None:
+            self.compiled = CompiledDecoder(self.model, max_positions=self.context_window, cache_folder=cache_folder)
+            self.compiled.want(1)
+
+    def close(self) -> None:
+        """Stop background work before the model is replaced (compiling, its caches)."""
+        if self.compiled is not None:
+            self.compiled.close()
+
+    def _place(self, positions: int) -> None:
+        """Hold the conversation in the smallest compiled bucket with room for `positions`, or in a
+        dynamic cache (eager steps) while that bucket is still compiling."""
+        from transformers import DynamicCache
+
+        self.compiled.want(positions)
+        static = self.compiled.cache_for(positions)
+        if static is not None:
+            self._kv.move_to(static, self.compiled.step)
+        elif self._kv.step is not None:
+            self._kv.move_to(DynamicCache(config=self.model.config))
 
     @property
     def dtype(self):
@@ -140,6 +172,9 @@ class Runner:
             out = TextStream(self.tokenizer)
             with torch.inference_mode():
                 t = time.perf_counter()
+                if self.compiled is not None:
+                    self._kv.crop(common_prefix(self._kv.ids, ids))
+                    self._place(len(ids))
                 logits, stats.cached_tokens = self._kv.extend_to(ids)
                 dt = time.perf_counter() - t
                 stats.prefill_tok_s = (len(ids) - stats.cached_tokens) / dt if dt > 0 else 0.0
@@ -160,6 +195,9 @@ class Runner:
                     if cancel is not None and cancel.is_set():
                         stats.stop_reason = "cancelled"
                         break
+                    if self.compiled is not None:
+                        self._place(len(self._kv.ids) + 1)
+                        stats.compiled_steps += self._kv.step is not None
                     logits = self._kv.forward([token])
                     token = next_token(logits, s, generator)
                 elapsed = time.perf_counter() - t_first

@@ -56,7 +56,7 @@ def short_name(source: str) -> str:
 
 
 def load_engine(config: Config, *, demo: bool, progress) -> Engine:
-    return Engine.load(config, use_guard=config.guard.enabled, demo=demo, progress=progress)
+    return Engine.load(config, use_guard=config.guard.enabled, demo=demo, progress=progress, interactive=True)
 
 
 class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
@@ -220,6 +220,8 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
         used = self._stats.get("prompt_tokens", 0) + self._stats.get("new_tokens", 0)
         context = f"{used}/{window}" if window and used else (f"0/{window}" if window else "—")
         speed = f"{self._stats['decode_tok_s']:.1f} tok/s" if self._stats.get("decode_tok_s") else "— tok/s"
+        if self._stats.get("compiled_steps"):
+            speed += " (compiled)"
         guard = self.guard_state if not (self.guard_state == "loading" and self.loading_text) else "loading"
         self.query_one("#status", StatusBar).show(model=name, device=device, guard=guard, context=context, speed=speed)
 

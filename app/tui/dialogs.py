@@ -60,6 +60,8 @@ class DialogsMixin:
             if (self.config.model.source, self.config.model.quantize) != old:
                 if self.busy:
                     self.cancel.set()
+                if self.session.engine is not None:
+                    self.session.engine.runner.close()
                 self.session.engine = None
                 self.loading_text = "reloading…"
                 self.guard_state = "loading" if self.config.guard.enabled else "off"

@@ -78,3 +78,20 @@ def test_show_round_trips_through_toml(tmp_path):
     f = write(tmp_path / "c.toml", text)
     again = load_config(f, env={})
     assert again == c and tomllib.loads(text)["guard"]["excluded"] == ["S6"]
+
+
+def test_compiled_decoding_is_for_lasting_chats_on_a_cpu_unless_set():
+    from app.session import wants_compile
+
+    config = Config()
+    config.model.device = "cpu"
+    assert wants_compile(config, interactive=True) and not wants_compile(config, interactive=False)
+    config.model.compile = "off"
+    assert not wants_compile(config, interactive=True)
+    config.model.compile = "on"
+    assert wants_compile(config, interactive=False)
+    write = config_file()
+    write.parent.mkdir(parents=True, exist_ok=True)
+    write.write_text('[model]\ncompile = "sometimes"\n')
+    with pytest.raises(ConfigError, match="compile"):
+        load_config()

@@ -28,6 +28,9 @@ class ScriptedRunner:
     def reset(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
     def stream(self, messages, *, sampling=None, date=None, cancel=None):
         self.prompts.append(list(messages))
         stats = TurnStats(prompt_tokens=40 + 10 * len(messages), cached_tokens=0, ttft_s=0.05, decode_tok_s=12.5,

@@ -120,9 +120,14 @@ def test_cache_reuse_gives_identical_greedy_output(tiny_runner_factory):
     msgs += [{"role": "assistant", "content": first}, {"role": "user", "content": "Another, please."}]
     second, second_ids = reply(r, msgs), r.last_reply_ids
     assert r.last_stats.cached_tokens >= first_prompt  # the first turn's prompt was not recomputed
+    reused = [(layer.keys.clone(), layer.values.clone()) for layer in r._kv.cache.layers]
     r.clear_cache()
     assert reply(r, msgs) == second and r.last_reply_ids == second_ids
     assert r.last_stats.cached_tokens == 0
+    # Tiny random models lean on the last token: the caches themselves must match too.
+    for (k, v), layer in zip(reused, r._kv.cache.layers):
+        torch.testing.assert_close(layer.keys, k, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(layer.values, v, atol=1e-4, rtol=1e-4)
 
 
 def test_edit_regenerate_and_new_date_recompute_only_what_changed(tiny_runner_factory):

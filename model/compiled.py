@@ -1,0 +1,136 @@
+"""Compiled decode steps: `torch.compile` over static KV caches of bucketed length.
+
+A static cache attends over its whole length at every step, so one large cache would make short
+conversations pay for the longest. Caches come in buckets (512, 1024, 2048, ...) and the runner moves
+the conversation into the smallest compiled bucket that holds it, or back to its dynamic cache (eager)
+when the next bucket is not compiled yet, between any two tokens. Each bucket is compiled once, in a
+background thread, so nobody waits for it: replies decode eagerly until their bucket is ready. Inductor's
+compiled code is kept in the app's cache folder (unless TORCHINDUCTOR_CACHE_DIR says otherwise), so later starts only re-trace.
+
+If compilation fails (no C++ compiler, an unsupported op), the error is kept in `error` and decoding
+stays eager: compiling is an optimisation, never a requirement.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+
+
+def bucket_for(positions: int) -> int | None:
+    return next((b for b in BUCKETS if b >= positions), None)
+
+
+def can_compile() -> str | None:
+    """None when torch.compile can work here; else why not."""
+    import shutil
+
+    if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++")):
+        return "no C++ compiler found (torch.compile's CPU backend needs one)"
+    return None
+
+
+class CompiledDecoder:
+    """Compiled one-token steps of `model` over per-bucket static caches."""
+
+    def __init__(self, model, *, max_positions: int, cache_folder: Path | None = None, start: bool = True):
+        import torch
+
+        if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+            from model.qcache import app_cache_folder
+
+            cache_folder = Path(cache_folder or app_cache_folder() / "inductor")
+            cache_folder.mkdir(parents=True, exist_ok=True)
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_folder)
+        self.model = model
+        self.max_positions = max_positions
+        self.error: str | None = can_compile()
+        self._caches: dict = {}  # bucket -> its StaticCache, present once compiled
+        self._queued: set[int] = set()
+        self._todo: queue.Queue[int] = queue.Queue()
+        self._compiled = torch.compile(self._forward, dynamic=False,
+                                       options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        self._thread = threading.Thread(target=self._warm_loop, name="compile-decode", daemon=True)
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Begin compiling what `want` asked for."""
+        self._thread.start()
+
+    def _forward(self, ids, cache):
+        return self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+
+    def step(self, x, cache):
+        """One decode step (`x` is a [1, 1] id tensor) on a cache from `cache_for`."""
+        return self._compiled(x, cache)
+
+    def want(self, positions: int) -> None:
+        """Compile, in the background, the bucket for `positions` and the one after it."""
+        b = bucket_for(positions)
+        for bucket in (b, bucket_for(b + 1) if b else None):
+            if bucket and bucket <= self.max_positions and bucket not in self._queued and not self.error:
+                self._queued.add(bucket)
+                self._todo.put(bucket)
+
+    def cache_for(self, positions: int):
+        """The static cache of the smallest compiled bucket holding `positions`, or None (decode eagerly)."""
+        b = bucket_for(positions)
+        return self._caches.get(b) if b else None
+
+    def ready(self, positions: int) -> bool:
+        return self.cache_for(positions) is not None
+
+    def wait(self, positions: int, timeout: float | None = None) -> bool:
+        """Block until the bucket for `positions` is compiled (tests, benchmarks); False on error/timeout."""
+        import time
+
+        self.want(positions)
+        end = None if timeout is None else time.monotonic() + timeout
+        while not self.ready(positions) and not self.error and (end is None or time.monotonic() < end):
+            time.sleep(0.05)
+        return self.ready(positions)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a compile is queued or running (it competes with decoding for the CPU meanwhile)."""
+        return self._todo.unfinished_tasks > 0 and self.error is None
+
+    def close(self) -> None:
+        """Stop compiling and let go of the static caches (the model is being replaced)."""
+        self.error = self.error or "closed"
+        self._caches = {}
+        self._todo.put(0)
+
+    def _warm_loop(self) -> None:
+        while self.error is None:
+            bucket = self._todo.get()
+            if self.error is not None:
+                break
+            try:
+                self._caches[bucket] = self._warm(bucket)
+            except Exception as e:  # noqa: BLE001 - compiling is optional; stay eager and say why
+                self.error = f"{type(e).__name__}: {e}"
+                log.warning("compiled decoding is off: %s", self.error)
+            finally:
+                self._todo.task_done()
+
+    def _warm(self, bucket: int):
+        import torch
+        from transformers import StaticCache
+
+        cache = StaticCache(config=self.model.config, max_cache_len=bucket)
+        with torch.inference_mode():  # as the runner decodes: tensors made outside it would recompile
+            x = torch.zeros((1, 1), dtype=torch.long, device=self.model.device)
+            self.model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1)  # allocates the cache eagerly
+            for _ in range(2):  # the first call compiles; the second checks nothing recompiles
+                self.step(x, cache)
+        cache.crop(-int(cache.get_seq_length()))
+        return cache
