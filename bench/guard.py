@@ -13,14 +13,14 @@ import time
 
 from bench.common import LLAMA_1B, QUICK, emit, env_note, llama_tokenizer, peak_rss_mb, random_llama, threads
 
-MESSAGES = [
-    "How do I bake sourdough bread at home without a proper oven?",
-    "What is a good way to learn the basics of linear algebra fast?",
-    "Can you suggest a weekend itinerary for a first visit to Lisbon?",
-    "Why does my Python script get slower when the list gets longer?",
-    "Write a short poem about autumn leaves falling in the park please.",
-    "What are the health benefits of drinking green tea every day?",
-    "Explain the difference between a virus and a bacterium simply.",
+MESSAGES = [  # ~20 tokens each, as the measurement specifies
+    "How do I bake a good loaf of sourdough bread at home when I do not have a proper oven?",
+    "What is a good way to learn the basics of linear algebra quickly if I only have an hour a day?",
+    "Can you suggest a relaxed weekend itinerary for my first visit to Lisbon with two small children?",
+    "Why does my Python script get noticeably slower when the list I am sorting gets much longer?",
+    "Write a short and gentle poem about the autumn leaves falling in the old park near my house.",
+    "What are the main health benefits of drinking a cup or two of green tea every single day?",
+    "Explain the difference between a virus and a bacterium simply, as you would to a ten-year-old.",
 ]
 PROSE = ("The river bends twice before it reaches the town. Fishermen leave at dawn, when the water is still. "
          "By noon the market fills with voices and the smell of bread. Children race along the old stone wall! "
