@@ -21,8 +21,9 @@ def test_replies_switch_between_eager_and_compiled_steps_with_the_same_greedy_ou
         tiny_runner_factory, tmp_path, monkeypatch):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     eager = tiny_runner_factory(context_window=768)
-    runner = tiny_runner_factory(context_window=768)  # buckets up to 768 positions: only 512 compiles
-    runner.compiled = CompiledDecoder(runner.model, max_positions=768, cache_folder=tmp_path / "inductor", start=False)
+    runner = tiny_runner_factory(context_window=768)
+    # Compiled buckets up to 512 positions only, so a longer reply must carry on eagerly.
+    runner.compiled = CompiledDecoder(runner.model, max_positions=512, cache_folder=tmp_path / "inductor", start=False)
     s = Sampling(temperature=0, max_new_tokens=24)
 
     def both(messages, sampling=s):
@@ -53,3 +54,20 @@ def test_replies_switch_between_eager_and_compiled_steps_with_the_same_greedy_ou
     assert stats.prompt_tokens < 512 < stats.prompt_tokens + stats.new_tokens
     assert 0 < stats.compiled_steps < stats.new_tokens - 1
     assert any((tmp_path / "inductor").iterdir())  # compiled code persisted for the next start
+
+
+def test_a_failed_compile_leaves_decoding_eager_and_says_why(tiny_runner_factory, monkeypatch):
+    def broken(self, bucket):
+        raise RuntimeError("C++ compile failed: cc1plus not found")
+
+    monkeypatch.setattr(CompiledDecoder, "_warm", broken)
+    runner = tiny_runner_factory()
+    runner.compile_decoding()
+    assert not runner.compiled.wait(1, timeout=60)
+    assert "cc1plus" in runner.compiled.error
+    msgs = [{"role": "user", "content": "Hello"}]
+    assert "".join(runner.stream(msgs, sampling=Sampling(temperature=0, max_new_tokens=8)))
+    assert runner.last_stats.compiled_steps == 0
+
+    monkeypatch.setattr("model.compiled.can_compile", lambda: "no C++ compiler found")
+    assert CompiledDecoder(runner.model, max_positions=512, start=False).error == "no C++ compiler found"
