@@ -170,39 +170,45 @@ class Runner:
             self.last_stats = stats
             generator = torch.Generator().manual_seed(s.seed) if s.seed is not None else None
             out = TextStream(self.tokenizer)
-            with torch.inference_mode():
-                t = time.perf_counter()
-                if self.compiled is not None:
-                    self._kv.crop(common_prefix(self._kv.ids, ids))
-                    self._place(len(ids))
-                logits, stats.cached_tokens = self._kv.extend_to(ids)
-                dt = time.perf_counter() - t
-                stats.prefill_tok_s = (len(ids) - stats.cached_tokens) / dt if dt > 0 else 0.0
-                token = next_token(logits, s, generator)
-                t_first = time.perf_counter()
-                stats.ttft_s = t_first - t0
-                while True:
-                    if token in self.eos_ids:
-                        stats.stop_reason = "eos"
-                        break
-                    stats.new_tokens += 1
-                    delta = out.push(token)
-                    if delta:
-                        yield delta
-                    if stats.new_tokens >= budget:
-                        stats.stop_reason = "length"
-                        break
-                    if cancel is not None and cancel.is_set():
-                        stats.stop_reason = "cancelled"
-                        break
+            if self.compiled is not None:
+                self.compiled.idle.clear()  # no compiling beside a decoding reply
+            try:
+                with torch.inference_mode():
+                    t = time.perf_counter()
                     if self.compiled is not None:
-                        self._place(len(self._kv.ids) + 1)
-                        stats.compiled_steps += self._kv.step is not None
-                    logits = self._kv.forward([token])
+                        self._kv.crop(common_prefix(self._kv.ids, ids))
+                        self._place(len(ids))
+                    logits, stats.cached_tokens = self._kv.extend_to(ids)
+                    dt = time.perf_counter() - t
+                    stats.prefill_tok_s = (len(ids) - stats.cached_tokens) / dt if dt > 0 else 0.0
                     token = next_token(logits, s, generator)
-                elapsed = time.perf_counter() - t_first
-                if stats.new_tokens > 1 and elapsed > 0:
-                    stats.decode_tok_s = (stats.new_tokens - 1) / elapsed
+                    t_first = time.perf_counter()
+                    stats.ttft_s = t_first - t0
+                    while True:
+                        if token in self.eos_ids:
+                            stats.stop_reason = "eos"
+                            break
+                        stats.new_tokens += 1
+                        delta = out.push(token)
+                        if delta:
+                            yield delta
+                        if stats.new_tokens >= budget:
+                            stats.stop_reason = "length"
+                            break
+                        if cancel is not None and cancel.is_set():
+                            stats.stop_reason = "cancelled"
+                            break
+                        if self.compiled is not None:
+                            self._place(len(self._kv.ids) + 1)
+                            stats.compiled_steps += self._kv.step is not None
+                        logits = self._kv.forward([token])
+                        token = next_token(logits, s, generator)
+                    elapsed = time.perf_counter() - t_first
+                    if stats.new_tokens > 1 and elapsed > 0:
+                        stats.decode_tok_s = (stats.new_tokens - 1) / elapsed
+            finally:
+                if self.compiled is not None:
+                    self.compiled.idle.set()
             self.last_reply_ids = out.ids
             tail = out.flush()
             self._remember(out.text, out.ids)
