@@ -58,8 +58,7 @@ class CompiledDecoder:
         self._compiled = torch.compile(self._forward, dynamic=False,
                                        options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         self._lock = threading.Lock()
-        self.idle = threading.Event()  # cleared by the runner while a reply decodes: compiling waits
-        self.idle.set()
+        self._idle = True  # False while a reply decodes (see pause)
         self._thread: threading.Thread | None = None
         self._started = False
         if start:
@@ -74,9 +73,18 @@ class CompiledDecoder:
         # One short-lived thread per batch of work: a thread kept waiting after it ran compiled kernels
         # slowed every later step by ~15% on a 2-core CPU (measured: 16.3 -> 21.0 tok/s once it exited).
         with self._lock:
-            if self._started and self._thread is None and not self._todo.empty() and self.error is None:
+            if self._started and self._idle and self._thread is None and not self._todo.empty() and self.error is None:
                 self._thread = threading.Thread(target=self._drain, name="compile-decode", daemon=True)
                 self._thread.start()
+
+    def pause(self) -> None:
+        """A reply is decoding: start no compile until `resume`. Beside a reply, tracing (Python, holding
+        the GIL in turns) and the C++ compiler slowed a small model's decoding 3-10x on 2 cores."""
+        self._idle = False
+
+    def resume(self) -> None:
+        self._idle = True
+        self._kick()
 
     def _forward(self, ids, cache):
         return self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
@@ -124,11 +132,8 @@ class CompiledDecoder:
 
     def _drain(self) -> None:
         while True:
-            # Compile between replies: beside a decoding reply, tracing (Python, holding the GIL in
-            # turns) and the C++ compiler slowed a small model's decoding 3-10x on 2 cores.
-            self.idle.wait()
             with self._lock:
-                if self._todo.empty() or self.error is not None:
+                if self._todo.empty() or self.error is not None or not self._idle:
                     self._thread = None
                     return
                 bucket = self._todo.get()

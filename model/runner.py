@@ -171,7 +171,7 @@ class Runner:
             generator = torch.Generator().manual_seed(s.seed) if s.seed is not None else None
             out = TextStream(self.tokenizer)
             if self.compiled is not None:
-                self.compiled.idle.clear()  # no compiling beside a decoding reply
+                self.compiled.pause()  # no compiling beside a decoding reply
             try:
                 with torch.inference_mode():
                     t = time.perf_counter()
@@ -208,7 +208,7 @@ class Runner:
                         stats.decode_tok_s = (stats.new_tokens - 1) / elapsed
             finally:
                 if self.compiled is not None:
-                    self.compiled.idle.set()
+                    self.compiled.resume()
             self.last_reply_ids = out.ids
             tail = out.flush()
             self._remember(out.text, out.ids)
