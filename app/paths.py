@@ -27,9 +27,9 @@ def data_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    from platformdirs import user_cache_path
+    from model.qcache import app_cache_folder  # the model layer caches there too; one definition
 
-    return _location("cache", user_cache_path)
+    return app_cache_folder()
 
 
 def config_file() -> Path:

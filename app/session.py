@@ -105,12 +105,10 @@ class Engine:
             say(f"Loading Llama Guard ({config.guard.source})…")
             guard = load_guard(config)
         say(f"Loading {config.model.source}…")
-        from app.paths import cache_dir
-
+        # Quantized weights and compiled code go to the app's cache folder (model.qcache.app_cache_folder).
         runner = Runner.load(config.model.source, device=config.model.device, dtype=config.model.dtype,
                              context_window=config.model.context or None, quantize=config.model.quantize,
-                             cache_folder=cache_dir() / "quantized", compile=wants_compile(config, interactive),
-                             compile_folder=cache_dir() / "inductor")
+                             compile=wants_compile(config, interactive))
         return cls(runner, guard, runner.source.name, demo)
 
 

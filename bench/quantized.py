@@ -3,8 +3,9 @@
 A random-weight Llama-3.2-1B-shaped checkpoint is written to a temporary folder; `python -m model` then
 runs in fresh processes: first token cold (empty quantization cache: load bf16, quantize, store) and
 warm (cache hit), decode speed at short context and at ~1k tokens of context, and the peak RSS of the
-warm process. Then, in this process, decode speed once compiled steps are ready (model.compiled), as a
-chat in the app reaches it. Plain transformers generate() in bf16 runs on the same checkpoint here too.
+warm process. Then, in one more fresh process, decode speed once compiled steps are ready
+(model.compiled), as a chat in the app reaches it, against eager steps on the same weights. Plain
+transformers generate() in bf16 runs on the same checkpoint in this process.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ conversations pay for the longest. Caches come in buckets (512, 1024, 2048, ...)
 the conversation into the smallest compiled bucket that holds it, or back to its dynamic cache (eager)
 when the next bucket is not compiled yet, between any two tokens. Each bucket is compiled once, in a
 background thread, so nobody waits for it: replies decode eagerly until their bucket is ready. Inductor's
-compiled code is kept in the app's cache folder (unless TORCHINDUCTOR_CACHE_DIR says otherwise), so later starts only re-trace.
+compiled code is kept in the app's cache folder (unless TORCHINDUCTOR_CACHE_DIR says otherwise), so
+later starts only re-trace.
 
 If compilation fails (no C++ compiler, an unsupported op), the error is kept in `error` and decoding
 stays eager: compiling is an optimisation, never a requirement.
@@ -32,7 +33,7 @@ def can_compile() -> str | None:
     """None when torch.compile can work here; else why not."""
     import shutil
 
-    if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++", "c++")):
+    if not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++", "c++") if c):
         return "no C++ compiler found (torch.compile's CPU backend needs one)"
     return None
 
@@ -50,7 +51,7 @@ class CompiledDecoder:
             cache_folder.mkdir(parents=True, exist_ok=True)
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_folder)
         self.model = model
-        self.max_positions = max_positions
+        self._largest = bucket_for(max_positions) or BUCKETS[-1]  # the bucket that covers the window
         self.error: str | None = can_compile()
         self._caches: dict = {}  # bucket -> its StaticCache, present once compiled
         self._queued: set[int] = set()
@@ -96,19 +97,18 @@ class CompiledDecoder:
     def want(self, positions: int) -> None:
         """Compile, in the background, the bucket for `positions` (and the next one once it is 3/4 full)."""
         b = bucket_for(positions)
-        for bucket in (b, bucket_for(b + 1) if b and positions > b * 3 // 4 else None):
-            if bucket and bucket <= (bucket_for(self.max_positions) or BUCKETS[-1]) and bucket not in self._queued and not self.error:
-                self._queued.add(bucket)
+        new = [bucket for bucket in (b, bucket_for(b + 1) if b and positions > b * 3 // 4 else None)
+               if bucket and bucket <= self._largest and bucket not in self._queued]
+        if new and not self.error:  # called before every decode step: nothing to do is the usual case
+            self._queued.update(new)
+            for bucket in new:
                 self._todo.put(bucket)
-        self._kick()
+            self._kick()
 
     def cache_for(self, positions: int):
         """The static cache of the smallest compiled bucket holding `positions`, or None (decode eagerly)."""
         b = bucket_for(positions)
         return self._caches.get(b) if b else None
-
-    def ready(self, positions: int) -> bool:
-        return self.cache_for(positions) is not None
 
     def wait(self, positions: int, timeout: float | None = None) -> bool:
         """Block until the bucket for `positions` is compiled (tests, benchmarks); False on error/timeout."""
@@ -116,9 +116,9 @@ class CompiledDecoder:
 
         self.want(positions)
         end = None if timeout is None else time.monotonic() + timeout
-        while not self.ready(positions) and not self.error and (end is None or time.monotonic() < end):
+        while self.cache_for(positions) is None and not self.error and (end is None or time.monotonic() < end):
             time.sleep(0.05)
-        return self.ready(positions)
+        return self.cache_for(positions) is not None
 
     @property
     def busy(self) -> bool:

@@ -68,7 +68,7 @@ class Runner:
     @classmethod
     def load(cls, src, *, device: str = "auto", dtype: str = "auto", threads: int | None = None,
              context_window: int | None = None, quantize: str = "bf16", cache_folder=None,
-             compile: bool = False, compile_folder=None) -> "Runner":
+             compile: bool = False) -> "Runner":
         """`quantize`: bf16 (none), int8, int4 or int4-fast (CPU; see model.quant). `compile`: decode
         with compiled steps once they are ready (see `compile_decoding`)."""
         from model.device import configure_threads, pick_device, pick_dtype
@@ -83,7 +83,7 @@ class Runner:
         runner = cls(loaded, device=dev, context_window=context_window)
         runner.quantize = quantize
         if compile:
-            runner.compile_decoding(compile_folder)
+            runner.compile_decoding()
         return runner
 
     def compile_decoding(self, cache_folder=None) -> None:
