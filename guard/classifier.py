@@ -62,9 +62,11 @@ class Guard:
         from guard.fastpath import optimise_for_checks
 
         from model.attention import use_grouped_attention
+        from model.packed import pack_linears
 
         self.model, self.tokenizer, self.name = model, tokenizer, name
         optimise_for_checks(model)
+        pack_linears(model.get_decoder())  # the output layer stays plain: a check reads two of its rows
         use_grouped_attention(model)
         self.settings = settings or GuardSettings()
         self._nn = self._single_token("\n\n")

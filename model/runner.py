@@ -56,6 +56,10 @@ class Runner:
         limit = getattr(self.model.config, "max_position_embeddings", 8192) or 8192
         self.context_window = min(context_window or (8192 if device == "cpu" else 32768), limit)
         use_grouped_attention(self.model)
+        from model.packed import pack_linears
+
+        # The decoder's projections only: a tied output layer shares its weight with the embedding.
+        pack_linears(self.model.get_decoder())
         self._kv = PrefixCache(self.model)
         self._replies: OrderedDict[str, tuple[int, ...]] = OrderedDict()  # reply text -> generated ids
         self._special_ids = {i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}

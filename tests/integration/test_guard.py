@@ -165,10 +165,14 @@ def test_check_optimisations_match_the_full_model(tiny_guard_dir):
 
     from guard.fastpath import optimise_for_checks
     from model.kvcache import PrefixCache
+    from model.packed import pack_linears
 
     full = AutoModelForCausalLM.from_pretrained(tiny_guard_dir, dtype=torch.float32)
     fast = AutoModelForCausalLM.from_pretrained(tiny_guard_dir, dtype=torch.float32)
     assert optimise_for_checks(fast)
+    # Every projection of the decoder (q, k, v, o, fused gate/up and down in each layer) is oneDNN-packed.
+    assert pack_linears(fast.get_decoder()) == 6 * fast.config.num_hidden_layers
+    assert not any(type(m) is torch.nn.Linear for m in fast.get_decoder().modules())
     a, b = PrefixCache(full), PrefixCache(fast)
     with torch.inference_mode():
         for ids in ([128000, 9906, 1917, 13, 1102], [128000, 9906, 1917, 30, 358, 1093], [128000, 9906]):

@@ -218,14 +218,18 @@ def test_smollm2_answers_paris_and_reuses_cache(smollm2_gguf):
     assert r.last_stats.cached_tokens > 30
 
 
-def test_grouped_attention_matches_sdpa(tiny_llama_dir, tiny_runner_factory):
-    """The runner's grouped attention (decode steps, short chunks) gives the same logits as SDPA."""
+def test_grouped_attention_and_packed_weights_match_transformers(tiny_llama_dir, tiny_runner_factory):
+    """The runner's grouped attention (decode steps, short chunks) and its oneDNN-packed projections give
+    the same logits as the model transformers builds (SDPA, plain Linear layers)."""
     from transformers import AutoModelForCausalLM
 
     from model.kvcache import PrefixCache
+    from model.packed import PackedLinear
 
     r = tiny_runner_factory()
     assert r.model.config._attn_implementation == "llama_chat_grouped"
+    assert isinstance(r.model.model.layers[0].mlp.down_proj, PackedLinear)
+    assert type(r.model.lm_head) is torch.nn.Linear  # tied to the embedding: left as it is
     ref = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     assert ref.config._attn_implementation == "sdpa"
     a, b = PrefixCache(ref), PrefixCache(r.model)
