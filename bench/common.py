@@ -67,7 +67,7 @@ def answer_like_a_chat_model(model, tokenizer) -> int:
         text = tokenizer.decode([i])
         if not masked[i] and (not text or text != text.strip()):
             masked[i] = True
-    bias = torch.zeros(vocab, dtype=model.dtype).masked_fill(masked, float("-inf"))
+    bias = torch.zeros(vocab, dtype=model.dtype).masked_fill(masked, float("-inf")).to(model.device)
     model.get_output_embeddings().register_forward_hook(lambda _m, _i, out: out + bias)
     return int(masked.sum())
 
@@ -91,8 +91,22 @@ def threads() -> int:
     return torch.get_num_threads()
 
 
+def device_name(device: str) -> str:
+    """What ran the benchmark: the GPU's name, or the CPU's model name."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
+    except OSError:
+        return "cpu"
+
+
 def env_note() -> dict:
     import torch
     import transformers
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "cpu_count": os.cpu_count()}
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
+            "cpu_model": device_name("cpu")}

@@ -11,7 +11,7 @@ import datetime as dt
 import statistics
 import time
 
-from bench.common import LLAMA_1B, QUICK, emit, env_note, llama_tokenizer, peak_rss_mb, random_llama, threads
+from bench.common import LLAMA_1B, QUICK, device_name, emit, env_note, llama_tokenizer, peak_rss_mb, random_llama, threads
 
 MESSAGES = [  # ~20 tokens each, as the measurement specifies
     "How do I bake a good loaf of sourdough bread at home when I do not have a proper oven?",
@@ -44,7 +44,7 @@ def baseline_check(model, ids) -> float:
 
     t0 = time.perf_counter()
     with torch.inference_mode():
-        model.generate(torch.tensor([ids]), max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+        model.generate(torch.tensor([ids], device=model.device), max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
     return time.perf_counter() - t0
 
 
@@ -52,6 +52,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.guard", description=__doc__)
     p.add_argument("--quick", action="store_true", help="small shapes: under a minute")
     p.add_argument("--reply-tokens", type=int, default=256)
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, ...")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per physical core)")
     args = p.parse_args(argv)
 
     from guard.classifier import Guard, GuardSettings
@@ -62,11 +64,12 @@ def main(argv=None) -> int:
     from model.runner import Runner
     from model.sampling import Sampling
 
-    configure_threads("cpu")
-    dtype = pick_dtype("auto", "cpu")
+    device = args.device
+    configure_threads(device, args.threads)
+    dtype = pick_dtype("auto", device)
     shape = QUICK if args.quick else LLAMA_1B
     tok = llama_tokenizer()
-    guard_model = random_llama(shape, dtype=dtype, tied=False, seed=1)
+    guard_model = random_llama(shape, dtype=dtype, tied=False, seed=1).to(device)
     # The baseline runs on a copy of the model as transformers builds it; the guard optimises its own
     # weights in place (fused MLPs, last-position-only final layer). The two alternate per message, so
     # neither gains from running first.
@@ -94,8 +97,8 @@ def main(argv=None) -> int:
     check_s, baseline_s = statistics.median(checks), statistics.median(baselines)
 
     # The runner's decode speed on the chat model's shape sets how long a reply takes to stream.
-    chat = Runner(Loaded(random_llama(shape, dtype=dtype), tok, Source("folder", None, "random"), (-1,), {}),
-                  device="cpu")
+    chat = Runner(Loaded(random_llama(shape, dtype=dtype).to(device), tok, Source("folder", None, "random"), (-1,), {}),
+                  device=device)
     "".join(chat.stream([{"role": "user", "content": "Hi"}], sampling=Sampling(temperature=0, max_new_tokens=48),
                         date=dt.date(2026, 11, 26)))
     runner_tok_s = chat.last_stats.decode_tok_s
@@ -111,7 +114,7 @@ def main(argv=None) -> int:
 
     emit({
         "shape": "llama-guard-3-1b" if not args.quick else "quick", **shape, "untied_output": True,
-        "dtype": str(dtype).replace("torch.", ""), "threads": threads(),
+        "dtype": str(dtype).replace("torch.", ""), "device": device_name(device), "threads": threads(),
         "check_s": round(check_s, 4), "baseline_check_s": round(baseline_s, 4), "speedup": round(baseline_s / check_s, 2),
         "head_precompute_s": round(head_s, 3), "head_tokens": len(guard._heads["User"]),
         "stream_checks": len(moderator.verdicts), "stream_moderation_s": round(moderation_s, 3),

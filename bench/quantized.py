@@ -30,7 +30,7 @@ def _run_model(folder: Path, home: Path, mode: str, prompt: str, new_tokens: int
     """One fresh `python -m model` process: seconds to its first output byte, its stats, its peak RSS."""
     env = {**os.environ, "LLAMA_CHAT_HOME": str(home)}
     cmd = [sys.executable, "-m", "model", "--model", str(folder), "--quantize", mode, "--temperature", "0",
-           "--max-new-tokens", str(new_tokens), "--stats", prompt]
+           "--threads", str(threads()), "--max-new-tokens", str(new_tokens), "--stats", prompt]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     first = proc.stdout.read(1)
@@ -62,7 +62,7 @@ def compiled_decode(folder: Path, home: Path, mode: str, new_tokens: int) -> dic
     eager steps on the same weights in the same fresh process, alternating which runs first. The
     quantized weights come from the cache the earlier processes built; inductor's cache starts empty."""
     env = {**os.environ, "LLAMA_CHAT_HOME": str(home)}
-    cmd = [sys.executable, "-m", "bench.quantized", str(folder), mode, str(new_tokens)]
+    cmd = [sys.executable, "-m", "bench.quantized", str(folder), mode, str(new_tokens), str(threads())]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"compiled decoding failed: {proc.stderr[-2000:]}")
@@ -103,7 +103,7 @@ def _compiled_decode_here(folder: Path, mode: str, new_tokens: int) -> dict:
 def main(args) -> int:
     from model.device import configure_threads, pick_dtype
 
-    configure_threads("cpu")
+    configure_threads("cpu", args.threads)
     dtype = pick_dtype("auto", "cpu")
     shape = QUICK if args.quick else LLAMA_1B
     new_tokens = args.new_tokens or (48 if args.quick else 128)
@@ -146,5 +146,5 @@ def main(args) -> int:
 if __name__ == "__main__":  # the fresh process compiled_decode() starts
     from model.device import configure_threads
 
-    configure_threads("cpu")
+    configure_threads("cpu", int(sys.argv[4]))
     emit(_compiled_decode_here(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])))

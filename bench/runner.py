@@ -8,7 +8,8 @@ import copy
 import datetime as dt
 import time
 
-from bench.common import LLAMA_1B, QUICK, answer_like_a_chat_model, emit, env_note, llama_tokenizer, peak_rss_mb, random_llama, threads
+from bench.common import (LLAMA_1B, QUICK, answer_like_a_chat_model, device_name, emit, env_note, llama_tokenizer,
+                          peak_rss_mb, random_llama, threads)
 
 QUESTIONS = [
     "Explain how a KV cache speeds up autoregressive decoding.",
@@ -44,7 +45,7 @@ def baseline_turn(model, ids, new_tokens):
     clock = _FirstTokenClock()
     t0 = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        out = model.generate(torch.tensor([ids], device=model.device), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                              do_sample=False, streamer=clock, pad_token_id=0)
     t1 = time.perf_counter()
     n = out.shape[1] - len(ids)
@@ -58,7 +59,11 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=None)
     p.add_argument("--quantize", choices=("int8", "int4", "int4-fast"), default=None,
                    help="measure a CPU weight mode from fresh processes instead (see bench/quantized.py)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, ... (bf16 runs only)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per physical core)")
     args = p.parse_args(argv)
+    if args.quantize and args.device != "cpu":
+        p.error("--quantize is a CPU weight mode: leave --device out")
     if args.quantize:
         from bench.quantized import main as quantized_main
 
@@ -74,14 +79,15 @@ def main(argv=None) -> int:
     shape = QUICK if args.quick else LLAMA_1B
     turns = args.turns or (4 if args.quick else 8)
     new_tokens = args.new_tokens or (48 if args.quick else 200)
-    configure_threads("cpu")
-    dtype = pick_dtype("auto", "cpu")
+    device = args.device
+    configure_threads(device, args.threads)
+    dtype = pick_dtype("auto", device)
     tok = llama_tokenizer()
-    model = random_llama(shape, dtype=dtype)
+    model = random_llama(shape, dtype=dtype).to(device)
     masked = answer_like_a_chat_model(model, tok)
     baseline_model = copy.deepcopy(model)  # as transformers builds it: the runner packs its own weights
     # Random weights rarely emit an end token; no eos makes every reply exactly `new_tokens` long.
-    runner = Runner(Loaded(model, tok, Source("folder", None, "random"), (-1,), {}), device="cpu")
+    runner = Runner(Loaded(model, tok, Source("folder", None, "random"), (-1,), {}), device=device)
     sampling = Sampling(temperature=0, max_new_tokens=new_tokens)
     date = dt.date(2026, 11, 26)
 
@@ -111,7 +117,7 @@ def main(argv=None) -> int:
     ids = runner.fit(long, date=date, max_new_tokens=1)[0]
     t0 = time.perf_counter()
     with torch.inference_mode():
-        baseline_model(torch.tensor([ids]), logits_to_keep=1)
+        baseline_model(torch.tensor([ids], device=device), logits_to_keep=1).logits[0, -1, 0].item()  # waits for a GPU
     baseline_prefill = len(ids) / (time.perf_counter() - t0)
 
     def mean(key):
@@ -120,7 +126,7 @@ def main(argv=None) -> int:
     ttft = [r["ttft_s"] for r in rows]
     emit({
         "shape": "llama-3.2-1b" if not args.quick else "quick", **shape, "dtype": str(dtype).replace("torch.", ""),
-        "threads": threads(), "turns": turns, "new_tokens_per_turn": new_tokens,
+        "device": device_name(device), "threads": threads(), "turns": turns, "new_tokens_per_turn": new_tokens,
         "decode_tok_s": mean("decode_tok_s"), "baseline_decode_tok_s": mean("baseline_decode_tok_s"),
         "prefill_tok_s": round(prefill.prefill_tok_s, 1), "baseline_prefill_tok_s": round(baseline_prefill, 1),
         "prefill_tokens": prefill.prompt_tokens, "masked_vocab_ids": masked,

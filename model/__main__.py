@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per physical core)")
     p.add_argument("--context", type=int, default=None, help="context window in tokens (default 8192 on CPU)")
     p.add_argument("--quantize", default="bf16", choices=("bf16", "int8", "int4", "int4-fast"),
                    help="CPU weight mode: bf16 (none), int8, int4 (group 32, int8 output layer), int4-fast (group 128)")
@@ -39,8 +40,10 @@ def main(argv=None) -> int:
     sampling = Sampling(args.temperature, args.top_p, args.top_k, args.seed, args.max_new_tokens)
     try:
         sampling.validate()
-        runner = Runner.load(args.model, device=args.device, dtype=args.dtype, context_window=args.context,
-                             quantize=args.quantize, compile=args.compile)
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, not {args.threads}")
+        runner = Runner.load(args.model, device=args.device, dtype=args.dtype, threads=args.threads,
+                             context_window=args.context, quantize=args.quantize, compile=args.compile)
         messages = [{"role": "system", "content": args.system}] if args.system else []
         for prompt in args.prompts:
             messages.append({"role": "user", "content": prompt})
