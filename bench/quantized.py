@@ -30,7 +30,7 @@ def _run_model(folder: Path, home: Path, mode: str, prompt: str, new_tokens: int
     """One fresh `python -m model` process: seconds to its first output byte, its stats, its peak RSS."""
     env = {**os.environ, "LLAMA_CHAT_HOME": str(home)}
     cmd = [sys.executable, "-m", "model", "--model", str(folder), "--quantize", mode, "--temperature", "0",
-           "--threads", str(threads()), "--max-new-tokens", str(new_tokens), "--stats", prompt]
+           "--device", "cpu", "--threads", str(threads()), "--max-new-tokens", str(new_tokens), "--stats", prompt]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     first = proc.stdout.read(1)
