@@ -71,8 +71,8 @@ def main(argv=None) -> int:
     tok = llama_tokenizer()
     guard_model = random_llama(shape, dtype=dtype, tied=False, seed=1).to(device)
     # The baseline runs on a copy of the model as transformers builds it; the guard optimises its own
-    # weights in place (fused MLPs, last-position-only final layer). The two alternate per message, so
-    # neither gains from running first.
+    # weights in place (fused MLPs, packed projections, last-position-only final layer). The two alternate
+    # per message, so neither gains from running first.
     baseline_model = copy.deepcopy(guard_model)
     messages = MESSAGES[: 3 if args.quick else len(MESSAGES)]
     prompts = [encode_guard_prompt(tok, [{"role": "user", "content": t}]) for t in messages]
