@@ -75,7 +75,7 @@ class GuardSettingsConfig:
     excluded: list = _f([], "categories not screened, e.g. [\"S6\", \"S7\"]", _codes)
     threshold: float = _f(0.5, "P(unsafe) at which a message is blocked", _between(0, 1, lo_open=True, hi_open=True))
     mode: str = _f("strict", "strict: show only checked text; fast: show at once and retract if unsafe", _one_of("strict", "fast"))
-    check_every: int = _f(64, "tokens between checks of a streaming reply (also at sentence ends)", _at_least(1))
+    check_every: int = _f(64, "tokens between checks of a streaming reply (sooner at a sentence end, after half as many)", _at_least(1))
     token_budget: int = _f(2048, "conversation tokens the guard reads per check", _at_least(64))
 
 

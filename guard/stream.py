@@ -1,8 +1,9 @@
 """Moderating a reply while it streams.
 
-The moderator is fed the reply's text deltas. At sentence ends (or every N tokens) it checks the reply
-so far; the guard's per-role KV cache already holds the conversation and the reply up to the last
-check, so each check computes only the new reply tokens plus the closing instruction.
+The moderator is fed the reply's text deltas. Every N tokens, and at a sentence end once N/2 tokens are
+unchecked, it checks the reply so far; the guard's per-role KV cache already holds the conversation and
+the reply up to the last check, so each check computes only the new reply tokens plus the closing
+instruction.
 
 - strict: text is handed on only after a check has passed it; an unsafe check blocks the rest.
 - fast: text is handed on at once; an unsafe check retracts everything handed on.
@@ -46,13 +47,16 @@ class StreamModerator:
     """Feed it deltas, show what it releases, stop the model when it blocks or retracts."""
 
     def __init__(self, guard, context: Sequence[dict], *, mode: str = "strict", check_every: int = 64,
-                 min_sentence_tokens: int = 24):
+                 min_sentence_tokens: int | None = None):
         if mode not in MODES:
             raise ValueError(f"guard mode must be one of {', '.join(MODES)}, not {mode!r}")
         if check_every < 1:
             raise ValueError("check_every must be at least 1 token")
         self.guard, self.context, self.mode = guard, list(context), mode
-        self.check_every, self.min_sentence_tokens = check_every, min_sentence_tokens
+        # Each check recomputes the guard's ~57-token closing instruction after the reply, so checks much
+        # closer than half the interval would cost more than the reply text they screen.
+        self.check_every = check_every
+        self.min_sentence_tokens = max(1, check_every // 2) if min_sentence_tokens is None else min_sentence_tokens
         self.text = ""  # the reply so far
         self.released = 0  # characters of `text` handed on
         self.unchecked_tokens = 0

@@ -137,6 +137,16 @@ def test_strict_mode_releases_only_checked_text(tiny_guard, llama_tokenizer):
     assert m.stopped and m.feed("more") == []
 
 
+def test_checks_come_every_n_tokens_or_at_a_sentence_end_after_half_as_many(tiny_guard):
+    m = StreamModerator(tiny_guard, [user("Tell me a story.")], mode="strict", check_every=8)
+    for d in ["Hi", " there", "."]:  # a sentence end after 3 unchecked tokens: too soon
+        assert m.feed(d) == []
+    assert m.feed(" Ok") == [] and m.feed(".") == [Release("Hi there. Ok.")]  # 5 >= 8 // 2
+    for d in [" a", " b", " c", " d", " e", " f", " g"]:
+        assert m.feed(d) == []
+    assert m.feed(" h") == [Release(" a b c d e f g h")] and len(m.verdicts) == 2  # 8 tokens, no sentence end
+
+
 def test_fast_mode_releases_at_once_and_retracts(tiny_guard, llama_tokenizer):
     m = StreamModerator(tiny_guard, [user("Tell me a story.")], mode="fast", check_every=64, min_sentence_tokens=64)
     deltas = deltas_of(llama_tokenizer, UNSAFE_REPLY)
