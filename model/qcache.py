@@ -49,13 +49,9 @@ def app_cache_folder() -> Path:
     return user_cache_path("llama-chat")
 
 
-def default_cache_folder() -> Path:
-    return app_cache_folder() / "quantized"
-
-
 def load_quantized(source, mode: str, *, dtype, cache_folder: Path | None, build):
     """The quantized model from the cache, or built with `build()` (bf16 on CPU), quantized and stored."""
-    folder = Path(cache_folder) if cache_folder else default_cache_folder()
+    folder = Path(cache_folder) if cache_folder else app_cache_folder() / "quantized"
     key = cache_key(source, mode, dtype)
     weights, record = folder / f"{key}.pt", folder / f"{key}.json"
     model = _from_cache(weights, record, key, dtype)
