@@ -142,6 +142,16 @@ def main(argv=None) -> int:
         return EXIT_FAIL
 
 
+def entry() -> None:
+    """The `llama-chat` command: `main`, then the process ends without waiting for a background compile."""
+    code = main()
+    if "model.compiled" in sys.modules:
+        from model.compiled import exit_process
+
+        exit_process(code)
+    sys.exit(code)
+
+
 def cmd_tui(args) -> int:
     from app.tui.app import LlamaChatApp
 

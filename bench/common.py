@@ -109,4 +109,20 @@ def env_note() -> dict:
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
-            "cpu_model": device_name("cpu")}
+            "cpu_model": device_name("cpu"), "memory_read_gb_s": memory_read_gb_s()}
+
+
+def memory_read_gb_s() -> float:
+    """How fast this machine streams memory right now (max over 1 GiB of fp32, best of 3). Decoding reads
+    every weight once per token, so tok/s follows this; on a shared VM it varied 27-50 GB/s within an hour."""
+    import time
+
+    import torch
+
+    x = torch.ones(256 << 20)
+    best = float("inf")
+    for _ in range(4):
+        t = time.perf_counter()
+        x.amax()
+        best = min(best, time.perf_counter() - t)
+    return round(x.numel() * 4 / best / 1e9, 1)

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     from model.device import configure_threads
     from model.loading import load_model, load_tokenizer, resolve_source
     from model.prompt import encode_chat
-    from model.quant import quantize_model
+    from model.quant import kernel, quantize_model
 
     if args.model is None:
         from app.cli import demo_model_path
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     bf16 = load_model(source, torch.bfloat16).eval()
     bf16_agreement = agreement(bf16)
     quantize_model(bf16, args.quantize)
-    emit({"model": source.name, "quantize": args.quantize, "agreement": round(agreement(bf16), 4),
+    emit({"model": source.name, "quantize": args.quantize, "kernel": kernel(), "agreement": round(agreement(bf16), 4),
           "bf16_agreement": round(bf16_agreement, 4), "prompts": len(PROMPTS), "tokens_per_prompt": args.tokens,
           **env_note()})
     return 0

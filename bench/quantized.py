@@ -125,8 +125,10 @@ def main(args) -> int:
         emit({"phase": "1k", **long["stats"]})
         compiled = compiled_decode(folder, home, args.quantize, new_tokens)
         baseline = baseline_decode(folder, dtype, new_tokens)
+        from model.quant import kernel
+
         emit({
-            "quantize": args.quantize, "shape": "llama-3.2-1b" if not args.quick else "quick", **shape,
+            "quantize": args.quantize, "kernel": kernel(), "shape": "llama-3.2-1b" if not args.quick else "quick", **shape,
             "activations": str(dtype).replace("torch.", ""), "threads": threads(),
             "decode_tok_s": round(short["stats"]["decode_tok_s"], 2),
             "decode_tok_s_1k": round(long["stats"]["decode_tok_s"], 2), "context_1k_tokens": long["stats"]["prompt_tokens"],

@@ -68,4 +68,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from model.compiled import exit_process
+
+    exit_process(main())

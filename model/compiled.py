@@ -14,9 +14,11 @@ stays eager: compiling is an optimisation, never a requirement.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import queue
+import sys
 import threading
 from pathlib import Path
 
@@ -38,13 +40,53 @@ def can_compile() -> str | None:
     return None
 
 
+_running: set[threading.Thread] = set()  # compile threads at work
+_exiting = threading.Event()
+
+
+@atexit.register
+def _let_compiles_finish() -> None:
+    """At exit, wait for a compile in progress (no new one starts). A daemon thread still inside torch
+    when the interpreter finalizes is killed through C++ frames that forbid it, and the process aborts
+    ("terminate called without an active exception"). Commands end with `exit_process` instead, which
+    does not wait; this is for other hosts (tests, notebooks)."""
+    _exiting.set()
+    for thread in list(_running):
+        thread.join()
+
+
+def exit_process(code: int):
+    """`sys.exit(code)`, but a compile still running in the background is abandoned, not waited for
+    (up to ~30 s cold): the process ends at once, with `code`, after flushing its output."""
+    if any(thread.is_alive() for thread in _running):
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+    sys.exit(code)
+
+
+def _user_inductor_cache() -> bool:
+    """Whether TORCHINDUCTOR_CACHE_DIR was chosen by the user. Importing torch._dynamo (transformers does,
+    while loading a model) sets it to torch's default under /tmp, so "set" alone does not tell."""
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:
+        return current is not None
+    return current is not None and current != default_cache_dir()
+
+
 class CompiledDecoder:
     """Compiled one-token steps of `model` over per-bucket static caches."""
 
     def __init__(self, model, *, max_positions: int, cache_folder: Path | None = None, start: bool = True):
         import torch
 
-        if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        if not _user_inductor_cache():
             from model.qcache import app_cache_folder
 
             cache_folder = Path(cache_folder or app_cache_folder() / "inductor")
@@ -56,6 +98,9 @@ class CompiledDecoder:
         self._caches: dict = {}  # bucket -> its StaticCache, present once compiled
         self._queued: set[int] = set()
         self._todo: queue.Queue[int] = queue.Queue()
+        # Guards on module attributes are skipped (guard_filter_fn below), so a graph compiled for an
+        # earlier model in this process would be reused for this one: forget those graphs.
+        torch._dynamo.reset()
         self._compiled = torch.compile(self._forward, dynamic=False,
                                        options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         self._lock = threading.Lock()
@@ -74,8 +119,10 @@ class CompiledDecoder:
         # One short-lived thread per batch of work: a thread kept waiting after it ran compiled kernels
         # slowed every later step by ~15% on a 2-core CPU (measured: 16.3 -> 21.0 tok/s once it exited).
         with self._lock:
-            if self._started and self._idle and self._thread is None and not self._todo.empty() and self.error is None:
+            if (self._started and self._idle and self._thread is None and not self._todo.empty()
+                    and self.error is None and not _exiting.is_set()):
                 self._thread = threading.Thread(target=self._drain, name="compile-decode", daemon=True)
+                _running.add(self._thread)
                 self._thread.start()
 
     def pause(self) -> None:
@@ -133,7 +180,8 @@ class CompiledDecoder:
     def _drain(self) -> None:
         while True:
             with self._lock:
-                if self._todo.empty() or self.error is not None or not self._idle:
+                if self._todo.empty() or self.error is not None or not self._idle or _exiting.is_set():
+                    _running.discard(self._thread)
                     self._thread = None
                     return
                 bucket = self._todo.get()
@@ -141,7 +189,8 @@ class CompiledDecoder:
                 self._caches[bucket] = self._warm(bucket)
             except Exception as e:  # noqa: BLE001 - compiling is optional; stay eager and say why
                 self.error = f"{type(e).__name__}: {e}"
-                log.warning("compiled decoding is off: %s", self.error)
+                if not _exiting.is_set():  # at exit, inductor refuses new work: nothing to report
+                    log.warning("compiled decoding is off: %s", self.error)
             finally:
                 self._todo.task_done()
 

@@ -96,16 +96,17 @@ def load_checkpoint(source: Source, *, device: str, dtype, quantize: str = "bf16
     """Load model and tokenizer in `dtype` on `device`, all from local files. A `quantize` mode other
     than bf16 builds the quantized model once and reuses it from `cache_folder` afterwards."""
     try:
-        tokenizer = load_tokenizer(source)
         if quantize == "bf16":
+            tokenizer = load_tokenizer(source)
             model = load_model(source, dtype)
         else:
             from model.qcache import load_quantized
 
             if device != "cpu":
                 raise ModelError(f"--quantize {quantize} is for CPU decoding; on {device} use bf16.")
-            model = load_quantized(source, quantize, dtype=dtype, cache_folder=cache_folder,
-                                   build=lambda: load_model(source, dtype))
+            model, tokenizer = load_quantized(source, quantize, dtype=dtype, cache_folder=cache_folder,
+                                              build=lambda: load_model(source, dtype),
+                                              alongside=lambda: load_tokenizer(source))
     except ModelError:
         raise
     except Exception as e:  # transformers raises many types; the user needs to know which file failed

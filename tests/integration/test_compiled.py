@@ -17,11 +17,12 @@ def test_buckets_follow_the_context():
 
 
 @pytest.mark.skipif(can_compile() is not None, reason="torch.compile needs a C++ compiler")
+@pytest.mark.parametrize("quantize", ["bf16", "int4"])
 def test_replies_switch_between_eager_and_compiled_steps_with_the_same_greedy_output(
-        tiny_runner_factory, tmp_path, monkeypatch):
+        tiny_runner_factory, tmp_path, monkeypatch, quantize):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    eager = tiny_runner_factory(context_window=768)
-    runner = tiny_runner_factory(context_window=768)
+    eager = tiny_runner_factory(context_window=768, quantize=quantize)
+    runner = tiny_runner_factory(context_window=768, quantize=quantize)
     # Compiled buckets up to 512 positions only, so a longer reply must carry on eagerly.
     runner.compiled = CompiledDecoder(runner.model, max_positions=512, cache_folder=tmp_path / "inductor", start=False)
     s = Sampling(temperature=0, max_new_tokens=24)

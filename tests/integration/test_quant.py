@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from model.loading import resolve_source
-from model.quant import Int4Linear, Int8Linear, plan, quantize_model
+from model.qkernel import available
+from model.quant import Int4Linear, Int8Linear, QLinear, kernel, plan, quantize_model
 from model.runner import Runner
 from model.sampling import Sampling
 
@@ -21,16 +22,23 @@ def ids(llama_tokenizer):
     return llama_tokenizer("The quick brown fox jumps over the lazy dog. " * 4)["input_ids"]
 
 
-@pytest.mark.parametrize("mode, tolerance", [("int8", 0.02), ("int4", 0.12), ("int4-fast", 0.2)])
-def test_quantized_layers_track_the_original(tiny_llama_dir, ids, mode, tolerance):
+@pytest.mark.parametrize("kernel_name", ["vnni", "torch"])
+@pytest.mark.parametrize("mode, tolerance", [("int8", 0.03), ("int4", 0.12), ("int4-fast", 0.2)])
+def test_quantized_layers_track_the_original(tiny_llama_dir, ids, mode, tolerance, kernel_name):
     from transformers import AutoModelForCausalLM
 
+    if kernel_name == "vnni" and (why := available()):
+        pytest.skip(why)
     ref = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
     q = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
-    layout = quantize_model(q, mode)
-    head = q.get_output_embeddings()
-    assert isinstance(head, Int8Linear if mode in ("int8", "int4") else Int4Linear)
-    assert isinstance(q.model.layers[0].mlp.down_proj, Int8Linear if mode == "int8" else Int4Linear)
+    layout = quantize_model(q, mode, kernel_name)
+    head, down = q.get_output_embeddings(), q.model.layers[0].mlp.down_proj
+    if kernel_name == "vnni":
+        assert isinstance(head, QLinear) and isinstance(down, QLinear)
+        assert (head.bits, down.bits) == ({"int8": 8, "int4": 8, "int4-fast": 4}[mode], 8 if mode == "int8" else 4)
+    else:
+        assert isinstance(head, Int8Linear if mode in ("int8", "int4") else Int4Linear)
+        assert isinstance(down, Int8Linear if mode == "int8" else Int4Linear)
     if mode == "int4":
         assert layout["model.layers.0.self_attn.q_proj"] == ("int4", 32)
     a, b = logits(ref, ids), logits(q, ids)
@@ -50,9 +58,13 @@ def test_cache_build_reuse_and_rebuild_after_corruption(tiny_llama_dir, tmp_path
     cache = tmp_path / "q"
     first = Runner.load(str(tiny_llama_dir), device="cpu", dtype="bfloat16", quantize="int4", cache_folder=cache)
     assert first.model.quant_cache == "built"
-    [weights] = cache.glob("*.pt")
+    [weights] = cache.glob("*.bin")
     second = Runner.load(str(tiny_llama_dir), device="cpu", dtype="bfloat16", quantize="int4", cache_folder=cache)
     assert second.model.quant_cache == "hit"
+    if kernel() == "vnni":  # every weight in one buffer, on 2 MB page boundaries (huge pages where allowed)
+        bases = {m.codes.untyped_storage().data_ptr() for m in second.model.modules() if isinstance(m, QLinear)}
+        assert len(bases) == 1
+        assert second.model.model.layers[0].mlp.up_proj.codes.data_ptr() % 64 == 0
     torch.testing.assert_close(logits(first.model, ids), logits(second.model, ids))
     s = Sampling(temperature=0, max_new_tokens=8)
     msgs = [{"role": "user", "content": "Hello"}]

@@ -1,0 +1,77 @@
+"""The VNNI int8/int4 kernel (model/kernels/qlinear.cpp) against the same arithmetic written in PyTorch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from model.qkernel import available, hugepage_buffer
+from model.quant import QLinear
+
+
+@pytest.fixture(autouse=True)
+def _kernel():
+    if why := available():
+        pytest.skip(why)
+
+
+def dequantized(q: QLinear) -> torch.Tensor:
+    """The weights `q` multiplies by, [out, in] in fp32, unpacked from the tiled layout."""
+    rows, k = q.codes.shape[0], q.in_features
+    codes = q.codes.reshape(rows // 16, k // 32, -1, 16, 4)  # tile, block, vector, row, input
+    if q.bits == 4:
+        codes = torch.cat([codes & 0x0F, codes >> 4], dim=2)
+    codes = codes.permute(0, 3, 1, 2, 4).reshape(rows, k).float()
+    by_row = lambda t: t.float().reshape(rows // 16, -1, 16).transpose(1, 2).reshape(rows, -1)
+    scales = by_row(q.scales).repeat_interleave(q.group, dim=1)
+    offsets = by_row(q.offsets).repeat_interleave(q.group, dim=1)
+    return (codes * scales + offsets)[: q.out_features]
+
+
+def int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the kernel rounds it: int8 per block of 32 with scale max|x| / 127."""
+    blocks = x.float().reshape(*x.shape[:-1], -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(blocks / torch.where(d > 0, d, 1)) * d).reshape(x.shape)
+
+
+@pytest.mark.parametrize("bits, group", [(4, 32), (4, 64), (4, 128), (8, None)])
+@pytest.mark.parametrize("out_features, in_features", [(48, 128), (40, 96), (300, 512)])
+@pytest.mark.parametrize("rows", [1, 3, 9])
+def test_kernel_computes_the_quantized_product(bits, group, out_features, in_features, rows):
+    if group and in_features % group:
+        pytest.skip("group does not divide the input size")
+    torch.manual_seed(rows)
+    linear = nn.Linear(in_features, out_features, bias=False)
+    q = QLinear.from_linear(linear, bits, group)
+    x = torch.randn(rows, in_features)
+    want = int8_activations(x) @ dequantized(q).T
+    torch.testing.assert_close(q(x), want, rtol=1e-4, atol=1e-4)
+    # and the weights it multiplies by are the layer's, within the quantization step
+    step = (linear.weight.abs().amax() / 127) if bits == 8 else (linear.weight.abs().amax() * 2 / 15)
+    assert (dequantized(q) - linear.weight).abs().max() <= step / 2 + 1e-3
+
+
+def test_bf16_in_bf16_out_and_leading_dims():
+    torch.manual_seed(0)
+    q = QLinear.from_linear(nn.Linear(256, 64, bias=False), 4, 32)
+    x = torch.randn(2, 5, 256)
+    y = q(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 5, 64)
+    torch.testing.assert_close(y.float(), q(x.bfloat16().float()), rtol=1e-2, atol=1e-2)
+
+
+def test_compiled_calls_the_same_kernel():
+    torch.manual_seed(0)
+    q = QLinear.from_linear(nn.Linear(128, 48, bias=False), 4, 32)
+    x = torch.randn(1, 1, 128, dtype=torch.bfloat16)
+    compiled = torch.compile(lambda t: q(t) * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(x), q(x) * 2, rtol=0, atol=0)
+
+
+def test_hugepage_buffer_is_aligned_and_writable():
+    buf = hugepage_buffer(3 << 20)
+    assert buf.numel() == 3 << 20 and buf.data_ptr() % (2 << 20) == 0
+    buf.fill_(7)
+    assert int(buf.sum()) == 7 * (3 << 20)
