@@ -284,4 +284,4 @@ def cmd_config(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

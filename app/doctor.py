@@ -34,6 +34,7 @@ def report(config) -> str:
         f"cpu threads   {physical_cores()} physical cores",
         f"weights       {config.model.quantize}; compiled decoding {config.model.compile}: "
         f"{can_compile() or 'available'}",
+        f"int8/int4     {_quant_kernel()}",
         f"chat model    {config.model.source}: {_model_state(config.model.source)}",
         f"guard         {'on' if config.guard.enabled else 'OFF (replies are not screened)'}, mode {config.guard.mode}, "
         f"threshold {config.guard.threshold}, excluded {', '.join(config.guard.excluded) or 'none'}",
@@ -43,3 +44,10 @@ def report(config) -> str:
         f"data / cache  {data_dir()} / {cache_dir()}",
     ]
     return "\n".join(lines)
+
+
+def _quant_kernel() -> str:
+    from model.qkernel import available
+
+    why = available()
+    return "AVX512-VNNI kernel (model/kernels/qlinear.cpp)" if why is None else f"PyTorch's kernels ({why})"

@@ -50,5 +50,6 @@ def test_doctor_reports_device_models_and_locations(tmp_path):
     r = subprocess.run([sys.executable, "-m", "app.cli", "doctor"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "device        cpu" in r.stdout and "torch" in r.stdout
+    assert "int8/int4     AVX512-VNNI kernel" in r.stdout or "int8/int4     PyTorch's kernels (" in r.stdout
     assert "chat model    meta-llama/Llama-3.2-1B-Instruct: missing" in r.stdout
     assert "guard         on" in r.stdout and str(tmp_path / "home" / "data" / "history.sqlite3") in r.stdout

@@ -36,6 +36,7 @@ def test_quantized_layers_track_the_original(tiny_llama_dir, ids, mode, toleranc
     if kernel_name == "vnni":
         assert isinstance(head, QLinear) and isinstance(down, QLinear)
         assert (head.bits, down.bits) == ({"int8": 8, "int4": 8, "int4-fast": 4}[mode], 8 if mode == "int8" else 4)
+        assert head.float_out and not down.float_out  # logits in fp32
     else:
         assert isinstance(head, Int8Linear if mode in ("int8", "int4") else Int4Linear)
         assert isinstance(down, Int8Linear if mode == "int8" else Int4Linear)
