@@ -113,8 +113,8 @@ def env_note() -> dict:
 
 
 def memory_read_gb_s() -> float:
-    """How fast this machine streams memory right now (max over 1 GiB of fp32, best of 3). Decoding reads
-    every weight once per token, so tok/s follows this; on a shared VM it varied 27-50 GB/s within an hour."""
+    """How fast this machine streams memory right now (max over 1 GiB of fp32, best of 4). Decoding reads
+    every weight once per token, so tok/s follows this; on a shared VM it varied 26-56 GB/s within an hour."""
     import time
 
     import torch

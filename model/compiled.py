@@ -1,9 +1,9 @@
 """Compiled decode steps: `torch.compile` over static KV caches of bucketed length.
 
 A static cache attends over its whole length at every step, so one large cache would make short
-conversations pay for the longest. Caches come in buckets (512, 1024, 2048, ...) and the runner moves
-the conversation into the smallest compiled bucket that holds it, or back to its dynamic cache (eager)
-when the next bucket is not compiled yet, between any two tokens. Each bucket is compiled once, in a
+conversations pay for the longest. Caches come in buckets (512, 1024, 1536, 2048, 3072, ...) and the
+runner moves the conversation into the smallest compiled bucket that holds it, or back to its dynamic
+cache (eager) when the next bucket is not compiled yet, between any two tokens. Each bucket is compiled once, in a
 background thread, so nobody waits for it: replies decode eagerly until their bucket is ready. Inductor's
 compiled code is kept in the app's cache folder (unless TORCHINDUCTOR_CACHE_DIR says otherwise), so
 later starts only re-trace.
@@ -24,7 +24,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-BUCKETS = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+# Steps of 1.5-2x: a 1.1k-token chat in a 1536 bucket decoded int4 at 33.3 tok/s, in a 2048 one at 27.8-31.8.
+BUCKETS = (512, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 32768, 65536, 131072)
 
 
 def bucket_for(positions: int) -> int | None:
@@ -33,9 +34,9 @@ def bucket_for(positions: int) -> int | None:
 
 def can_compile() -> str | None:
     """None when torch.compile can work here; else why not."""
-    import shutil
+    from model.device import find_cxx
 
-    if not any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++", "c++") if c):
+    if find_cxx() is None:
         return "no C++ compiler found (torch.compile's CPU backend needs one)"
     return None
 

@@ -5,8 +5,9 @@ An entry is a `.bin` file holding every tensor of the state dict back to back, p
 (key, layout, config, tensor table, size, CRC-32 per 64 MB chunk). Loading reads what decoding streams
 every token straight into one buffer on 2 MB pages (model.qkernel.hugepage_buffer), and memory-maps the
 input embedding (a lookup touches a few of its rows). Every byte is checked before use: a CRC-32
-finds a flipped bit or a torn write and runs at ~4 GB/s here (SHA-256: 1.8), which matters at start-up. An entry that is missing,
-stale (another key), truncated, altered or does not fit the model is rebuilt, never trusted blindly.
+finds a flipped bit or a torn write and runs at ~4 GB/s here (SHA-256: 1.8), which matters at start-up.
+An entry that is missing, stale (another key), truncated, altered or does not fit the model is rebuilt,
+never trusted blindly.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def load_quantized(source, mode: str, *, dtype, cache_folder: Path | None, build
     with ThreadPoolExecutor(1) as pool:  # file reads and hashing let go of the GIL
         reading = pool.submit(_read_verified, weights, meta) if meta else None
         extra = alongside() if alongside else None
-        model = _from_cache(meta, reading, dtype) if reading else None
+        model = _from_cache(meta, reading.result, dtype) if reading else None
     if model is not None:
         model.quant_cache = "hit"
         return model, extra
@@ -82,19 +83,11 @@ def load_quantized(source, mode: str, *, dtype, cache_folder: Path | None, build
         return model, extra
     del model
     meta = _record(record, key)
-    model = _from_cache(meta, _done(_read_verified(weights, meta)), dtype) if meta else None
+    model = _from_cache(meta, lambda: _read_verified(weights, meta), dtype) if meta else None
     if model is None:
         raise OSError(f"the quantized model just written to {weights} does not read back; is the disk failing?")
     model.quant_cache = "built"
     return model, extra
-
-
-def _done(value):
-    from concurrent.futures import Future
-
-    future = Future()
-    future.set_result(value)
-    return future
 
 
 def _record(record: Path, key: str) -> dict | None:
@@ -193,9 +186,9 @@ def _read_verified(weights: Path, meta: dict):
         return None
 
 
-def _from_cache(meta: dict, reading, dtype):
-    """The cached model once `reading` (a future of `_read_verified`) is done, or None when the entry
-    cannot be trusted. The model's skeleton is built while the weights are still being read."""
+def _from_cache(meta: dict, weights, dtype):
+    """The cached model, or None when the entry cannot be trusted. `weights()` returns what
+    `_read_verified` does; it is called once the model's skeleton is built (the read may still be running)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -207,11 +200,11 @@ def _from_cache(meta: dict, reading, dtype):
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         empty_quantized(model, {k: tuple(v) for k, v in meta["layout"].items()}, dtype, meta["kernel"])
-        buffers = reading.result()
+        buffers = weights()
         if buffers is None:
             return None
         arena, mapped = buffers
-        state = {name: (arena[offset:offset + nbytes] if offset < meta["arena_bytes"] else mapped[offset:offset + nbytes])
+        state = {name: (arena if offset < meta["arena_bytes"] else mapped)[offset:offset + nbytes]
                  .view(getattr(torch, dt)).view(shape) for name, dt, shape, offset, nbytes in meta["tensors"]}
         inv_freq = state.pop(ROTARY_KEY, None)
         model.load_state_dict(state, strict=True, assign=True)

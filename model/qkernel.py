@@ -3,10 +3,12 @@
 PyTorch's own weight-only kernels dequantize every weight to floating point, which kept a 1B model's
 int4 decoding well below what memory can deliver on a 2-core CPU (~21 GB/s of weights). This kernel
 quantizes the activations to int8 per block of 32 and multiplies with AVX512-VNNI, like llama.cpp; with
-the weights on 2 MB pages (see `hugepage_copy`) it streams 44-56 GB/s on the same machine.
+the weights on 2 MB pages (see `hugepage_buffer`) it streams weights about as fast as the machine reads
+memory (29-56 GB/s here, as the VM's bandwidth varied).
 
-The source is compiled once per source version and CPU into the app's cache folder with the system's
-C++ compiler (a few seconds) and called through ctypes: no torch headers, no build step at install.
+The source is compiled once per source version and compiler into the app's cache folder with the
+system's C++ compiler (about a second) and called through ctypes: no torch headers, no build step at
+install.
 Where it cannot run (no AVX512-VNNI, no compiler, another OS, LLAMA_CHAT_KERNEL=torch), `load()` says
 why and the quantized modes use PyTorch's kernels instead (model.quant).
 """
@@ -17,7 +19,6 @@ import ctypes
 import functools
 import hashlib
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -43,20 +44,33 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _compiler() -> str | None:
-    return next((shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++", "c++") if c and shutil.which(c)),
-                None)
+def load():
+    """The kernel's entry point (`lc_qlinear` through ctypes); raises `Unavailable` when it cannot run here.
+    Decided once per process."""
+    found = _entry_point()
+    if isinstance(found, Unavailable):
+        raise found
+    return found
 
 
 @functools.cache
-def load():
-    """The loaded kernel library; raises `Unavailable` (cached) when it cannot run here."""
+def _entry_point():
+    """The kernel's entry point, or the `Unavailable` that says why there is none."""
+    try:
+        return _build_and_load()
+    except Unavailable as e:
+        return e
+
+
+def _build_and_load():
     if os.environ.get("LLAMA_CHAT_KERNEL", "").lower() == "torch":
         raise Unavailable("LLAMA_CHAT_KERNEL=torch asks for PyTorch's kernels")
     missing = [f for f in CPU_FLAGS if f not in _cpu_flags()]
     if missing:
         raise Unavailable(f"this CPU lacks {', '.join(missing)}")
-    cxx = _compiler()
+    from model.device import find_cxx
+
+    cxx = find_cxx()
     if cxx is None:
         raise Unavailable("no C++ compiler found (install g++ or clang++)")
     from model.qcache import app_cache_folder
@@ -64,18 +78,21 @@ def load():
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(source + " ".join((cxx, *CFLAGS)).encode()).hexdigest()[:16]
     lib = app_cache_folder() / "kernels" / f"qlinear-{digest}.so"
-    if not lib.is_file():
-        lib.parent.mkdir(parents=True, exist_ok=True)
-        tmp = lib.with_suffix(f".tmp{os.getpid()}.so")
-        proc = subprocess.run([cxx, *CFLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            tmp.unlink(missing_ok=True)
-            raise Unavailable(f"compiling {SOURCE.name} failed: {proc.stderr.strip()[-500:]}")
-        tmp.replace(lib)
     import torch  # noqa: F401 - its OpenMP runtime must be the one the kernel binds to
 
-    dll = ctypes.CDLL(str(lib))
-    fn = dll.lc_qlinear
+    try:
+        if not lib.is_file():
+            lib.parent.mkdir(parents=True, exist_ok=True)
+            tmp = lib.with_suffix(f".tmp{os.getpid()}.so")
+            proc = subprocess.run([cxx, *CFLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True,
+                                  check=False)
+            if proc.returncode != 0:
+                tmp.unlink(missing_ok=True)
+                raise Unavailable(f"compiling {SOURCE.name} failed: {proc.stderr.strip()[-500:]}")
+            tmp.replace(lib)
+        fn = ctypes.CDLL(str(lib)).lc_qlinear
+    except OSError as e:
+        raise Unavailable(f"cannot build or load {lib}: {e}") from e
     fn.restype = ctypes.c_int
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     fn.argtypes = [ptr, c_int, i64, i64, ptr, c_int, ptr, ptr, i64, i64, ptr, c_int, c_int]

@@ -50,9 +50,8 @@ class QLinear(nn.Module):
         self.register_buffer("offsets", torch.empty(rows, in_features // group, dtype=torch.bfloat16, device=device))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, bits: int, group: int | None = None, float_out: bool = False) -> "QLinear":
+    def from_linear(cls, linear: nn.Linear, bits: int, group: int, float_out: bool = False) -> "QLinear":
         n, k = linear.out_features, linear.in_features
-        group = group or k
         w = linear.weight.detach().float().reshape(n, k // group, group)
         if bits == 8:
             scales = (w.abs().amax(dim=(1, 2)) / 127.0).clamp(min=1e-8).bfloat16().float().reshape(n, 1, 1)
@@ -201,43 +200,36 @@ def _replace(model, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def _fits_vnni(linear: nn.Linear) -> bool:
-    return linear.in_features % 32 == 0
-
-
 def quantize_model(model, mode: str, kernel_name: str | None = None):
     """Quantize `model`'s Linears in place (weights must be real, on the CPU) for `kernel_name` (default:
     `kernel()`). Returns the plan."""
-    kernel_name = kernel_name or kernel()
     layout = plan(model, mode)
-    if layout and model.config.tie_word_embeddings:
-        model.config.tie_word_embeddings = False  # the output layer gets its own (quantized) copy
-    for name, spec in layout.items():
-        linear = model.get_submodule(name)
-        if kernel_name == "vnni" and _fits_vnni(linear):
-            new = QLinear.from_linear(linear, 8 if spec[0] == "int8" else 4, spec[1] if spec[0] == "int4" else None,
-                                      float_out=linear is model.get_output_embeddings())
-        elif spec[0] == "int8":
-            new = Int8Linear.from_linear(linear)
-        else:
-            new = Int4Linear.from_linear(linear, spec[1])
-        _replace(model, name, new)
+    _swap_linears(model, layout, kernel_name or kernel(), empty_dtype=None)
     return layout
 
 
 def empty_quantized(model, layout: dict[str, tuple], dtype, kernel_name: str) -> None:
     """Give a meta-device model the quantized modules of `layout` for `kernel_name` (empty, to be filled
     by load_state_dict)."""
+    _swap_linears(model, layout, kernel_name, empty_dtype=dtype)
+
+
+def _swap_linears(model, layout: dict[str, tuple], kernel_name: str, empty_dtype) -> None:
+    """Replace the Linears of `layout` with quantized modules: built from their weights, or empty on the
+    meta device when `empty_dtype` is given."""
     if layout and model.config.tie_word_embeddings:
-        model.config.tie_word_embeddings = False
+        model.config.tie_word_embeddings = False  # the output layer gets its own (quantized) copy
+    head = model.get_output_embeddings()
     for name, spec in layout.items():
         linear = model.get_submodule(name)
         k, n = linear.in_features, linear.out_features
-        if kernel_name == "vnni" and _fits_vnni(linear):
-            new = QLinear(k, n, 8 if spec[0] == "int8" else 4, spec[1] if spec[0] == "int4" else k, device="meta",
-                          float_out=linear is model.get_output_embeddings())
+        if kernel_name == "vnni" and k % 32 == 0:
+            bits, group = (8, k) if spec[0] == "int8" else (4, spec[1])
+            new = (QLinear(k, n, bits, group, device="meta", float_out=linear is head) if empty_dtype
+                   else QLinear.from_linear(linear, bits, group, float_out=linear is head))
         elif spec[0] == "int8":
-            new = Int8Linear(k, n, dtype=dtype, device="meta")
+            new = Int8Linear(k, n, dtype=empty_dtype, device="meta") if empty_dtype else Int8Linear.from_linear(linear)
         else:
-            new = Int4Linear(k, n, spec[1], dtype=dtype, device="meta")
+            new = (Int4Linear(k, n, spec[1], dtype=empty_dtype, device="meta") if empty_dtype
+                   else Int4Linear.from_linear(linear, spec[1]))
         _replace(model, name, new)

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_buckets_follow_the_context():
-    assert [bucket_for(n) for n in (1, 512, 513, 2000, 8192)] == [512, 512, 1024, 2048, 8192]
+    assert [bucket_for(n) for n in (1, 512, 513, 1100, 2000, 8192)] == [512, 512, 1024, 1536, 2048, 8192]
 
 
 @pytest.mark.skipif(can_compile() is not None, reason="torch.compile needs a C++ compiler")

@@ -104,3 +104,15 @@ def test_quantized_modes_refuse_other_devices(tiny_llama_dir):
 
     with pytest.raises(ModelError, match="for CPU decoding"):
         load_checkpoint(resolve_source(tiny_llama_dir), device="cuda", dtype=torch.bfloat16, quantize="int4")
+
+
+def test_pytorch_kernels_on_request_and_why():
+    import os
+    import subprocess
+    import sys
+
+    code = "from model.quant import kernel; from model.qkernel import available; print(kernel(), available())"
+    env = {**os.environ, "LLAMA_CHAT_KERNEL": "torch"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                         check=False)
+    assert out.stdout.strip() == "torch LLAMA_CHAT_KERNEL=torch asks for PyTorch's kernels", out.stderr

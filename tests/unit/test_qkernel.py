@@ -46,7 +46,7 @@ SHAPES = [(48, 128), (40, 96), (300, 512)]  # (out, in): one tile, a padded tile
 def test_kernel_computes_the_quantized_product(bits, group, out_features, in_features, rows):
     torch.manual_seed(rows)
     linear = nn.Linear(in_features, out_features, bias=False)
-    q = QLinear.from_linear(linear, bits, group)
+    q = QLinear.from_linear(linear, bits, group or in_features)
     x = torch.randn(rows, in_features)
     want = int8_activations(x) @ dequantized(q).T
     torch.testing.assert_close(q(x), want, rtol=1e-4, atol=1e-4)
