@@ -20,6 +20,7 @@ import functools
 import hashlib
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("kernels") / "qlinear.cpp"
@@ -135,9 +136,10 @@ def hugepage_buffer(nbytes: int):
 
     buf = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
     start = (-buf.data_ptr()) % HUGE_PAGE
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(buf.data_ptr() + start), ctypes.c_size_t(nbytes), 14)  # MADV_HUGEPAGE
-    except (OSError, AttributeError):
-        pass
+    if sys.platform.startswith("linux"):  # the advice number is Linux's
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise(ctypes.c_void_p(buf.data_ptr() + start), ctypes.c_size_t(nbytes), 14)  # MADV_HUGEPAGE
+        except (OSError, AttributeError):
+            pass
     return buf[start:start + nbytes]
