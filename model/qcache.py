@@ -113,17 +113,14 @@ def _store(model, layout, mode, kernel_name, key, weights: Path, record: Path) -
 
     embedding = model.get_input_embeddings().weight.data_ptr()
     state = _state(model)
-    mapped = [name for name, t in state.items() if t.data_ptr() == embedding]
-    order = [name for name in state if name not in mapped] + mapped
+    order = sorted(state, key=lambda name: state[name].data_ptr() == embedding)  # the embedding last
     weights.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = weights.with_suffix(f".tmp{os.getpid()}")
-    table, offset, arena_bytes = [], 0, None
+    table, offset = [], 0
     try:
         with open(tmp, "wb") as f:
             os.chmod(tmp, 0o600)
             for name in order:
-                if name in mapped and arena_bytes is None:
-                    arena_bytes = offset
                 tensor = state[name]
                 data = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
                 pad = -offset % ALIGN
@@ -132,7 +129,7 @@ def _store(model, layout, mode, kernel_name, key, weights: Path, record: Path) -
                 table.append([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), offset, len(data)])
                 f.write(data)
                 offset += len(data)
-        arena_bytes = offset if arena_bytes is None else arena_bytes
+        arena_bytes = next((row[3] for row in table if state[row[0]].data_ptr() == embedding), offset)
         with open(tmp, "rb") as f:
             digests = [_hash_range(f, 0, arena_bytes), _hash_range(f, arena_bytes, offset)]
         meta = {

@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch  # loaded first, so the kernel binds to torch's OpenMP runtime (one thread pool)
+
 SOURCE = Path(__file__).with_name("kernels") / "qlinear.cpp"
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni")
 CFLAGS = ("-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC",
@@ -79,8 +81,6 @@ def _build_and_load():
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(source + " ".join((cxx, *CFLAGS)).encode()).hexdigest()[:16]
     lib = app_cache_folder() / "kernels" / f"qlinear-{digest}.so"
-    import torch  # noqa: F401 - its OpenMP runtime must be the one the kernel binds to
-
     try:
         if not lib.is_file():
             lib.parent.mkdir(parents=True, exist_ok=True)
@@ -112,8 +112,6 @@ def available() -> str | None:
 def qlinear(x, codes, scales, offsets, group: int, bits: int, out_features: int, float_out: bool = False):
     """x @ W.T for W packed by `model.quant.pack_tiles`; x is fp32 or bf16, the result has its dtype, or
     fp32 with `float_out`."""
-    import torch
-
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.dtype not in (torch.float32, torch.bfloat16):
@@ -132,8 +130,6 @@ def hugepage_buffer(nbytes: int):
     """A uint8 tensor of `nbytes` whose pages the kernel asks to be 2 MB (Linux transparent huge pages).
     Decoding streams every weight once per token; with 4 KB pages the TLB misses cost a third of the
     speed (int4, 1B shape: 29 -> 44 GB/s). Elsewhere it is an ordinary tensor."""
-    import torch
-
     buf = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
     start = (-buf.data_ptr()) % HUGE_PAGE
     if sys.platform.startswith("linux"):  # the advice number is Linux's
