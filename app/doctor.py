@@ -50,4 +50,6 @@ def _quant_kernel() -> str:
     from model.qkernel import available
 
     why = available()
-    return "AVX512-VNNI kernel (model/kernels/qlinear.cpp)" if why is None else f"PyTorch's kernels ({why})"
+    if why is None:  # model.step.NativeStep: bf16 activations
+        return "AVX512-VNNI kernel (model/kernels/qlinear.cpp); in bf16, decode steps run natively, not compiled"
+    return f"PyTorch's kernels ({why})"

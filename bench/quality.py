@@ -58,16 +58,30 @@ def main(argv=None) -> int:
     ref_top = top1(reference)
     del reference
 
-    def agreement(model) -> float:
-        got = top1(model)
+    def decode_top1(model):
+        """The same, one token at a time after the prompt: the decode steps a chat runs (model.step)."""
+        from model.kvcache import PrefixCache
+
+        kv, got = PrefixCache(model), []
+        with torch.inference_mode():
+            for start, out in sequences:
+                kv.reset()
+                ids = out[0].tolist()
+                logits = [kv.forward(ids[:start])] + [kv.forward([t]) for t in ids[start:-1]]
+                got.append(torch.stack([x.float().argmax() for x in logits]))
+        return got, type(kv.eager_step).__name__
+
+    def agreement(got) -> float:
         same = sum(int((a == b).sum()) for a, b in zip(got, ref_top))
-        return same / sum(len(a) for a in ref_top)
+        return round(same / sum(len(a) for a in ref_top), 4)
 
     bf16 = load_model(source, torch.bfloat16).eval()
-    bf16_agreement = agreement(bf16)
+    bf16_agreement, (bf16_decode, _) = agreement(top1(bf16)), decode_top1(bf16)
     quantize_model(bf16, args.quantize)
-    emit({"model": source.name, "quantize": args.quantize, "kernel": kernel(), "agreement": round(agreement(bf16), 4),
-          "bf16_agreement": round(bf16_agreement, 4), "prompts": len(PROMPTS), "tokens_per_prompt": args.tokens,
+    decode, step = decode_top1(bf16)
+    emit({"model": source.name, "quantize": args.quantize, "kernel": kernel(), "agreement": agreement(top1(bf16)),
+          "bf16_agreement": bf16_agreement, "decode_agreement": agreement(decode), "decode_step": step,
+          "bf16_decode_agreement": agreement(bf16_decode), "prompts": len(PROMPTS), "tokens_per_prompt": args.tokens,
           **env_note()})
     return 0
 

@@ -2,9 +2,68 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 PREFILL_CHUNK = 512  # bounds activation memory on long prompts
+GROW = 256  # positions a growing cache layer adds at least when it runs out of room
+
+
+def new_cache(config):
+    """A transformers DynamicCache whose full-attention layers grow in place (`_growing_layer_class`)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=config)
+    cache.layers = [_growing_layer_class()() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+@functools.cache
+def _growing_layer_class():
+    """A DynamicLayer that appends into spare room instead of concatenating: transformers' own copies the
+    whole layer every token (at 1k tokens of context, 32 MB a token on the 1B shape). Its keys and values
+    are views of buffers that grow by half their size (at least GROW positions) when full."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        buffers = None
+
+        def reserve(self, positions: int, like):
+            """Room for `positions` in all (grown if needed, `like`'s batch, heads, dim, dtype, device);
+            returns the (keys, values) buffers."""
+            if not self.is_initialized:
+                self.lazy_initialization(like, like)
+            n = self.get_seq_length()
+            if self.buffers is None or positions > self.buffers[0].shape[-2]:
+                b, h, _, d = like.shape
+                room = positions + max(GROW, positions // 2)
+                grown = [torch.empty(b, h, room, d, dtype=like.dtype, device=like.device) for _ in range(2)]
+                if n:
+                    grown[0][:, :, :n].copy_(self.keys)
+                    grown[1][:, :, :n].copy_(self.values)
+                self.buffers = grown
+            return self.buffers
+
+        def advance(self, n: int):
+            """The first `n` positions of the buffers are the cached keys and values."""
+            keys, values = self.buffers
+            self.keys, self.values = keys[:, :, :n], values[:, :, :n]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            n, new = self.get_seq_length(), key_states.shape[-2]
+            keys, values = self.reserve(n + new, key_states)
+            keys[:, :, n : n + new].copy_(key_states)
+            values[:, :, n : n + new].copy_(value_states)
+            self.advance(n + new)
+            return self.keys, self.values
+
+        def reset(self):
+            self.buffers = None
+            super().reset()
+
+    return GrowingLayer
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -23,6 +82,9 @@ class PrefixCache:
         self.cache = None
         self.ids: list[int] = []
         self.step = None  # a compiled one-token step for `cache` (see model.compiled), or None: eager
+        from model.step import eager_step
+
+        self.eager_step = eager_step(model)
 
     def reset(self) -> None:
         self.cache, self.ids, self.step = None, [], None
@@ -52,10 +114,9 @@ class PrefixCache:
         """Run `ids` after what is cached; return the logits of the last position: the whole vocabulary,
         or only the output rows `rows` (the rest of the output layer is then never read)."""
         import torch
-        from transformers import DynamicCache
 
         if self.cache is None:
-            self.cache = DynamicCache(config=self.model.config)
+            self.cache = new_cache(self.model.config)
         logits = None
         for start in range(0, len(ids), PREFILL_CHUNK):
             chunk = list(ids[start : start + PREFILL_CHUNK])
@@ -66,8 +127,8 @@ class PrefixCache:
                     hidden = self.model.get_decoder()(input_ids=x, cache=self.cache, use_cache=True).last_hidden_state
                     weight = self.model.get_output_embeddings().weight[list(rows)]
                     logits = torch.nn.functional.linear(hidden[0, -1], weight)
-                elif self.step is not None and len(chunk) == 1:
-                    logits = self.step(x, self.cache)
+                elif len(chunk) == 1 and (self.step or self.eager_step):
+                    logits = (self.step or self.eager_step)(x, self.cache)
                 else:
                     logits = self.model(input_ids=x, cache=self.cache, use_cache=True, logits_to_keep=1).logits[0, -1]
             except BaseException:

@@ -195,7 +195,7 @@ def eos_ids(model, tokenizer) -> tuple[int, ...]:
         getattr(getattr(model, "generation_config", None), "eos_token_id", None),
         getattr(model.config, "eos_token_id", None),
         tokenizer.eos_token_id,
-        tokenizer.convert_tokens_to_ids("<|eot_id|>") if "<|eot_id|>" in tokenizer.get_vocab() else None,
+        _token_id(tokenizer, "<|eot_id|>"),
     ):
         for i in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(i, int) and i not in found:
@@ -203,6 +203,12 @@ def eos_ids(model, tokenizer) -> tuple[int, ...]:
     if not found:
         raise ModelError("The checkpoint names no end-of-sequence token; it cannot be used for chat.")
     return tuple(found)
+
+
+def _token_id(tokenizer, token: str) -> int | None:
+    """The id of `token` if the vocabulary has it (without building the whole vocabulary: ~0.1 s)."""
+    i = tokenizer.convert_tokens_to_ids(token)
+    return i if isinstance(i, int) and tokenizer.convert_ids_to_tokens(i) == token else None
 
 
 def generation_defaults(model) -> dict:

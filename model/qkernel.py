@@ -48,8 +48,8 @@ def _cpu_flags() -> set[str]:
 
 
 def load():
-    """The kernel's entry point (`lc_qlinear` through ctypes); raises `Unavailable` when it cannot run here.
-    Decided once per process."""
+    """The kernel library (ctypes: `lc_qlinear`, `lc_decode`); raises `Unavailable` when it cannot run
+    here. Decided once per process."""
     found = _entry_point()
     if isinstance(found, Unavailable):
         raise found
@@ -58,7 +58,7 @@ def load():
 
 @functools.cache
 def _entry_point():
-    """The kernel's entry point, or the `Unavailable` that says why there is none."""
+    """The kernel library, or the `Unavailable` that says why there is none."""
     try:
         return _build_and_load()
     except Unavailable as e:
@@ -91,13 +91,32 @@ def _build_and_load():
                 tmp.unlink(missing_ok=True)
                 raise Unavailable(f"compiling {SOURCE.name} failed: {proc.stderr.strip()[-500:]}")
             tmp.replace(lib)
-        fn = ctypes.CDLL(str(lib)).lc_qlinear
-    except OSError as e:
+        found = ctypes.CDLL(str(lib))
+        fn, step = found.lc_qlinear, found.lc_decode
+    except (OSError, AttributeError) as e:
         raise Unavailable(f"cannot build or load {lib}: {e}") from e
-    fn.restype = ctypes.c_int
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    fn.restype = step.restype = ctypes.c_int
     fn.argtypes = [ptr, c_int, i64, i64, ptr, c_int, ptr, ptr, i64, i64, ptr, c_int, c_int]
-    return fn
+    step.argtypes = [ptr, ctypes.POINTER(DecodeLayer), ctypes.POINTER(DecodeShape), ptr, ptr, c_int]
+    return found
+
+
+class QMat(ctypes.Structure):  # qlinear.cpp's structs, field for field
+    _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("offsets", ctypes.c_void_p),
+                ("group", ctypes.c_int64), ("bits", ctypes.c_int64), ("n", ctypes.c_int64)]
+
+
+class DecodeLayer(ctypes.Structure):
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p),
+                *((name, QMat) for name in ("q", "k", "v", "o", "gate", "up", "down")),
+                ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p), ("capacity", ctypes.c_int64)]
+
+
+class DecodeShape(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int64) for name in
+                ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "position")] + \
+               [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
 
 
 def available() -> str | None:
@@ -118,9 +137,9 @@ def qlinear(x, codes, scales, offsets, group: int, bits: int, out_features: int,
         x2 = x2.float()
     x2 = x2.contiguous()
     y = torch.empty(x2.shape[0], out_features, dtype=torch.float32 if float_out else x2.dtype)
-    status = load()(x2.data_ptr(), int(x2.dtype == torch.bfloat16), x2.shape[0], x2.shape[1], codes.data_ptr(), bits,
-                    scales.data_ptr(), offsets.data_ptr(), group, out_features, y.data_ptr(),
-                    int(y.dtype == torch.bfloat16), torch.get_num_threads())
+    status = load().lc_qlinear(x2.data_ptr(), int(x2.dtype == torch.bfloat16), x2.shape[0], x2.shape[1],
+                               codes.data_ptr(), bits, scales.data_ptr(), offsets.data_ptr(), group, out_features,
+                               y.data_ptr(), int(y.dtype == torch.bfloat16), torch.get_num_threads())
     if status != 0:
         raise ValueError(f"qlinear: unsupported shape (in {x2.shape[1]}, group {group}, bits {bits})")
     return y.reshape(*shape[:-1], out_features)

@@ -115,7 +115,7 @@ def tiny_runner_factory(tiny_llama_dir):
     from model.runner import Runner
 
     def make(**kw):
-        return Runner.load(str(tiny_llama_dir), device="cpu", dtype="float32", **kw)
+        return Runner.load(str(tiny_llama_dir), device="cpu", **{"dtype": "float32", **kw})
 
     return make
 

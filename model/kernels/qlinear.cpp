@@ -15,6 +15,7 @@
 // by model/qkernel.py; plain C ABI, called through ctypes.
 
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -138,43 +139,193 @@ inline void store(void* y, bool y_bf16, int64_t at, const float* v, int64_t n) {
   }
 }
 
-template <int BITS>
-void linear(const void* x, bool x_bf16, int64_t M, int64_t K, const uint8_t* codes, const uint16_t* scales,
-            const uint16_t* offsets, int64_t G, int64_t N, void* y, bool y_bf16, int threads) {
-  thread_local std::vector<int8_t> q_buf;
-  thread_local std::vector<float> d_buf, gs_buf, x_buf;
-  thread_local std::vector<Act> act_buf;
-  const int64_t tile_bytes = 16 * K * BITS / 8, groups = K / G, tiles = (N + 15) / 16;
-  int8_t* q = scratch(q_buf, (size_t)(M * K));
-  float* d = scratch(d_buf, (size_t)(M * K / 32));
-  float* gs = scratch(gs_buf, (size_t)(M * groups));
-  float* xf = x_bf16 ? scratch(x_buf, (size_t)(M * K)) : (float*)x;
-  Act* acts = scratch(act_buf, (size_t)M);
+// One quantized weight matrix in the layout above: N output rows (padded to tiles of 16), K inputs.
+struct QMat {
+  const uint8_t* codes;
+  const uint16_t* scales;
+  const uint16_t* offsets;
+  int64_t group, bits, n;
+};
+
+// Activation rows quantized for group size G, in per-thread scratch.
+struct ActRows {
+  std::vector<int8_t> q;
+  std::vector<float> d, gs, xf;
+  std::vector<Act> acts;
+
+  Act* quantize(const void* x, bool x_bf16, int64_t M, int64_t K, int64_t G, int threads) {
+    const int64_t groups = K / G;
+    int8_t* qp = scratch(q, (size_t)(M * K));
+    float* dp = scratch(d, (size_t)(M * K / 32));
+    float* gp = scratch(gs, (size_t)(M * groups));
+    float* xp = x_bf16 ? scratch(xf, (size_t)(M * K)) : (float*)x;
+    Act* a = scratch(acts, (size_t)M);
 #pragma omp parallel for num_threads(threads) schedule(static) if (M >= 8)
-  for (int64_t m = 0; m < M; ++m) {
-    if (x_bf16)
-      for (int64_t k = 0; k < K; ++k) xf[m * K + k] = bf16_to_f32(((const uint16_t*)x)[m * K + k]);
-    acts[m] = Act{q + m * K, d + m * (K / 32), gs + m * groups};
-    quantize_row(xf + m * K, K, G, acts[m]);
+    for (int64_t m = 0; m < M; ++m) {
+      if (x_bf16)
+        for (int64_t k = 0; k < K; ++k) xp[m * K + k] = bf16_to_f32(((const uint16_t*)x)[m * K + k]);
+      a[m] = Act{qp + m * K, dp + m * (K / 32), gp + m * groups};
+      quantize_row(xp + m * K, K, G, a[m]);
+    }
+    return a;
   }
+};
+
+template <int BITS>
+void tile_rows(const QMat& w, int64_t K, int64_t t, const Act* acts, int64_t M, void* y, bool y_bf16, int64_t ldy) {
+  const int64_t groups = K / w.group;
+  const uint8_t* tile = w.codes + t * 16 * K * BITS / 8;
+  const uint16_t *s = w.scales + t * 16 * groups, *o = w.offsets + t * 16 * groups;
+  const int64_t rows = w.n - 16 * t < 16 ? w.n - 16 * t : 16;
+  for (int64_t m0 = 0; m0 < M; m0 += MT) {
+    const int64_t mt = M - m0 < MT ? M - m0 : MT;
+    float out[MT][16];
+    switch (mt) {
+      case 4: tile_dot<BITS, 4>(tile, s, o, K, w.group, acts + m0, out); break;
+      case 3: tile_dot<BITS, 3>(tile, s, o, K, w.group, acts + m0, out); break;
+      case 2: tile_dot<BITS, 2>(tile, s, o, K, w.group, acts + m0, out); break;
+      default: tile_dot<BITS, 1>(tile, s, o, K, w.group, acts + m0, out); break;
+    }
+    for (int64_t r = 0; r < mt; ++r) store(y, y_bf16, (m0 + r) * ldy + 16 * t, out[r], rows);
+  }
+}
+
+// y_i = x @ W_i.T for `count` matrices sharing x (same K and group) in one parallel pass over all
+// their tiles; y_i is M x n_i (fp32 or bf16).
+void linears(const void* x, bool x_bf16, int64_t M, int64_t K, const QMat* w, int count, void* const* y,
+             bool y_bf16, int threads) {
+  thread_local ActRows rows;
+  const Act* acts = rows.quantize(x, x_bf16, M, K, w[0].group, threads);
+  int64_t total = 0;
+  for (int i = 0; i < count; ++i) total += (w[i].n + 15) / 16;
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t t = 0; t < tiles; ++t) {
-    const uint8_t* tile = codes + t * tile_bytes;
-    const uint16_t *s = scales + t * 16 * groups, *o = offsets + t * 16 * groups;
-    const int64_t rows = N - 16 * t < 16 ? N - 16 * t : 16;
-    for (int64_t m0 = 0; m0 < M; m0 += MT) {
-      const int64_t mt = M - m0 < MT ? M - m0 : MT;
-      float out[MT][16];
-      switch (mt) {
-        case 4: tile_dot<BITS, 4>(tile, s, o, K, G, acts + m0, out); break;
-        case 3: tile_dot<BITS, 3>(tile, s, o, K, G, acts + m0, out); break;
-        case 2: tile_dot<BITS, 2>(tile, s, o, K, G, acts + m0, out); break;
-        default: tile_dot<BITS, 1>(tile, s, o, K, G, acts + m0, out); break;
-      }
-      for (int64_t r = 0; r < mt; ++r) store(y, y_bf16, (m0 + r) * N + 16 * t, out[r], rows);
+  for (int64_t t = 0; t < total; ++t) {
+    int i = 0;
+    int64_t lt = t;
+    while (lt >= (w[i].n + 15) / 16) lt -= (w[i++].n + 15) / 16;
+    if (w[i].bits == 4)
+      tile_rows<4>(w[i], K, lt, acts, M, y[i], y_bf16, w[i].n);
+    else
+      tile_rows<8>(w[i], K, lt, acts, M, y[i], y_bf16, w[i].n);
+  }
+}
+
+bool valid(const QMat& w, int64_t K) {
+  return !(K % 32 || w.group % 32 || w.group < 32 || K % w.group || (w.bits != 4 && w.bits != 8) || w.n < 1);
+}
+
+bool alike(const QMat& a, const QMat& b) { return a.group == b.group && a.bits == b.bits; }  // one quantized x
+
+// ---- one decode step of a Llama decoder (bf16 activations), the arithmetic of transformers' forward ----
+
+inline float rb(float f) { return bf16_to_f32(f32_to_bf16(f)); }  // a bf16 tensor's rounding
+
+inline __m512 rb_ps(__m512 v) {  // rb on 16 finite values: round to nearest even, keep the top 16 bits
+  __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)));
+}
+
+// exp(x) for x <= 0 (softmax, SiLU's exp(-|g|)): 2^(x log2 e) split into 2^n * 2^f, f in [-0.5, 0.5],
+// 2^f by a degree-6 polynomial (relative error ~2e-7, about fp32's epsilon).
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.5353362e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3398874e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// transformers' LlamaRMSNorm on a bf16 row: w * bf16(x * rsqrt(mean(x^2) + eps)).
+void rmsnorm(const float* x, const uint16_t* w, int64_t n, float eps, float* out) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 v = _mm512_loadu_ps(x + i);
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  const float r = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)n + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = rb(bf16_to_f32(w[i]) * rb(x[i] * r));
+}
+
+// x * cos + rotate_half(x) * sin on each head of `heads` x dim values, rounded as bf16 tensors are.
+void rope(float* x, int64_t heads, int64_t dim, const uint16_t* cos, const uint16_t* sin) {
+  const int64_t half = dim / 2;
+  float tmp[512];
+  for (int64_t h = 0; h < heads; ++h) {
+    float* v = x + h * dim;
+    for (int64_t j = 0; j < dim; ++j) {
+      const float rot = j < half ? -v[j + half] : v[j - half];
+      tmp[j] = rb(rb(v[j] * bf16_to_f32(cos[j])) + rb(rot * bf16_to_f32(sin[j])));
+    }
+    memcpy(v, tmp, sizeof(float) * (size_t)dim);
+  }
+}
+
+inline __m512 load_bf16_row(const uint16_t* p) { return load_bf16x16(p, 0xffff); }
+
+// One query's attention for the `group` query heads of one key/value head over n cached positions
+// (bf16 rows of `dim`, row stride dim): softmax(q k^T * scale) v, in fp32; out rounded to bf16.
+void attend(const float* q, int64_t group, const uint16_t* keys, const uint16_t* values, int64_t n, int64_t dim,
+            float scale, float* scores, float* out) {
+  const int64_t chunks = dim / 16;
+  for (int64_t g = 0; g < group; ++g) {
+    const float* qh = q + g * dim;
+    float* s = scores + g * n;
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t c = 0; c < chunks; ++c)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), load_bf16_row(keys + j * dim + 16 * c), acc);
+      s[j] = _mm512_reduce_add_ps(acc) * scale;
+      mx = s[j] > mx ? s[j] : mx;
+    }
+    __m512 sum = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), _mm512_set1_ps(mx)));
+      _mm512_storeu_ps(s + j, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    if (j < n) {
+      const __mmask16 k = (__mmask16)((1u << (n - j)) - 1);
+      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), _mm512_set1_ps(mx)));
+      _mm512_mask_storeu_ps(s + j, k, e);
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(k, e));
+    }
+    const float inv = 1.0f / _mm512_reduce_add_ps(sum);
+    for (int64_t c = 0; c < chunks; ++c) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t jj = 0; jj < n; ++jj)
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(s[jj]), load_bf16_row(values + jj * dim + 16 * c), acc);
+      acc = _mm512_mul_ps(acc, _mm512_set1_ps(inv));
+      float tmp[16];
+      _mm512_storeu_ps(tmp, acc);
+      for (int i = 0; i < 16; ++i) out[g * dim + 16 * c + i] = rb(tmp[i]);
     }
   }
 }
+
+struct DecodeLayer {
+  const uint16_t* attn_norm;  // bf16 [hidden]
+  const uint16_t* mlp_norm;
+  QMat q, k, v, o, gate, up, down;
+  uint16_t* keys;    // bf16 [kv_heads][capacity][head_dim]: this step's key is written at `position`
+  uint16_t* values;
+  int64_t capacity;
+};
+
+struct DecodeShape {
+  int64_t layers, hidden, heads, kv_heads, head_dim, intermediate, position;
+  float eps, scale;
+};
 
 }  // namespace
 
@@ -185,12 +336,74 @@ extern "C" {
 int lc_qlinear(const void* x, int x_bf16, int64_t M, int64_t K, const uint8_t* codes, int bits,
                const uint16_t* scales, const uint16_t* offsets, int64_t G, int64_t N, void* y, int y_bf16,
                int threads) {
-  if (K % 32 || G % 32 || G < 32 || K % G || (bits != 4 && bits != 8) || threads < 1 || M < 1)
-    return -1;
-  if (bits == 4)
-    linear<4>(x, x_bf16, M, K, codes, scales, offsets, G, N, y, y_bf16, threads);
-  else
-    linear<8>(x, x_bf16, M, K, codes, scales, offsets, G, N, y, y_bf16, threads);
+  const QMat w{codes, scales, offsets, G, bits, N};
+  if (!valid(w, K) || threads < 1 || M < 1) return -1;
+  void* out[1] = {y};
+  linears(x, x_bf16, M, K, &w, 1, out, y_bf16, threads);
+  return 0;
+}
+
+// One token through every decoder layer: h (bf16 [hidden], the token's embedding) becomes the last
+// layer's output; each layer's key and value for `position` are written into its cache, and attention
+// reads positions 0..position. The arithmetic is transformers' LlamaDecoderLayer forward in bf16, with
+// this file's matmuls: bf16 rounding wherever that forward holds a bf16 tensor; attention in fp32.
+// Returns 0, or -1 when a shape does not fit.
+int lc_decode(uint16_t* h, const DecodeLayer* layers, const DecodeShape* s, const uint16_t* cos,
+              const uint16_t* sin, int threads) {
+  const int64_t H = s->hidden, D = s->head_dim, nq = s->heads * D, nkv = s->kv_heads * D, I = s->intermediate;
+  const int64_t n = s->position + 1, group = s->heads / s->kv_heads;
+  if (H % 32 || I % 32 || D % 16 || D > 512 || s->heads % s->kv_heads || threads < 1) return -1;
+  thread_local std::vector<float> buf, score_buf;
+  float* x = scratch(buf, (size_t)(3 * H + 2 * nq + 2 * nkv + 3 * I));
+  float *xn = x + H, *q = xn + H, *k = q + nq, *v = k + nkv, *attn = v + nkv, *o = attn + nq, *gate = o + H,
+        *up = gate + I, *act = up + I;
+  float* scores = scratch(score_buf, (size_t)(s->heads * n));
+  for (int64_t i = 0; i < H; ++i) x[i] = bf16_to_f32(h[i]);
+  for (int64_t l = 0; l < s->layers; ++l) {  // every layer fits, before anything is written
+    const DecodeLayer& L = layers[l];
+    if (L.capacity < n || !valid(L.q, H) || !valid(L.o, nq) || !valid(L.gate, H) || !valid(L.down, I) ||
+        !alike(L.q, L.k) || !alike(L.q, L.v) || !alike(L.gate, L.up) || L.q.n != nq || L.k.n != nkv ||
+        L.v.n != nkv || L.o.n != H || L.gate.n != I || L.up.n != I || L.down.n != H)
+      return -1;
+  }
+  for (int64_t l = 0; l < s->layers; ++l) {
+    const DecodeLayer& L = layers[l];
+    rmsnorm(x, L.attn_norm, H, s->eps, xn);
+    const QMat qkv[3] = {L.q, L.k, L.v};
+    void* qkv_out[3] = {q, k, v};
+    linears(xn, false, 1, H, qkv, 3, qkv_out, false, threads);
+    for (int64_t i = 0; i < nq + 2 * nkv; i += 16) _mm512_storeu_ps(q + i, rb_ps(_mm512_loadu_ps(q + i)));  // q, k, v
+    rope(q, s->heads, D, cos, sin);
+    rope(k, s->kv_heads, D, cos, sin);
+    for (int64_t kh = 0; kh < s->kv_heads; ++kh)
+      for (int64_t j = 0; j < D; ++j) {
+        L.keys[(kh * L.capacity + s->position) * D + j] = f32_to_bf16(k[kh * D + j]);
+        L.values[(kh * L.capacity + s->position) * D + j] = f32_to_bf16(v[kh * D + j]);
+      }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t kh = 0; kh < s->kv_heads; ++kh)
+      attend(q + kh * group * D, group, L.keys + kh * L.capacity * D, L.values + kh * L.capacity * D, n, D, s->scale,
+             scores + kh * group * n, attn + kh * group * D);
+    void* o_out[1] = {o};
+    linears(attn, false, 1, nq, &L.o, 1, o_out, false, threads);
+    for (int64_t i = 0; i < H; ++i) x[i] = rb(x[i] + rb(o[i]));
+    rmsnorm(x, L.mlp_norm, H, s->eps, xn);
+    const QMat gu[2] = {L.gate, L.up};
+    void* gu_out[2] = {gate, up};
+    linears(xn, false, 1, H, gu, 2, gu_out, false, threads);
+    for (int64_t i = 0; i < I; i += 16) {  // bf16(bf16(SiLU(bf16 gate)) * bf16 up)
+      const __m512 g = rb_ps(_mm512_loadu_ps(gate + i));
+      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(g)));  // exp(-|g|): no overflow
+      const __m512 one_e = _mm512_add_ps(_mm512_set1_ps(1.0f), e);
+      const __mmask16 nonneg = _mm512_cmp_ps_mask(g, _mm512_setzero_ps(), _CMP_GE_OQ);
+      const __m512 silu = _mm512_mask_blend_ps(nonneg, _mm512_div_ps(_mm512_mul_ps(g, e), one_e), _mm512_div_ps(g, one_e));
+      _mm512_storeu_ps(act + i, rb_ps(_mm512_mul_ps(rb_ps(silu), rb_ps(_mm512_loadu_ps(up + i)))));
+    }
+    void* d_out[1] = {o};
+    linears(act, false, 1, I, &L.down, 1, d_out, false, threads);
+    for (int64_t i = 0; i < H; ++i) x[i] = rb(x[i] + rb(o[i]));
+  }
+  for (int64_t i = 0; i < H; ++i) h[i] = f32_to_bf16(x[i]);
   return 0;
 }
 
