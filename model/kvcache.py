@@ -23,7 +23,7 @@ def new_cache(config):
 def _growing_layer_class():
     """A DynamicLayer that appends into spare room instead of concatenating: transformers' own copies the
     whole layer every token (at 1k tokens of context, 32 MB a token on the 1B shape). Its keys and values
-    are views of buffers that grow by half their size (at least GROW positions) when full."""
+    are views of buffers that grow by a quarter (at least GROW positions) when full."""
     import torch
     from transformers.cache_utils import DynamicLayer
 
@@ -38,7 +38,7 @@ def _growing_layer_class():
             n = self.get_seq_length()
             if self.buffers is None or positions > self.buffers[0].shape[-2]:
                 b, h, _, d = like.shape
-                room = positions + max(GROW, positions // 2)
+                room = positions + max(GROW, positions // 4)
                 grown = [torch.empty(b, h, room, d, dtype=like.dtype, device=like.device) for _ in range(2)]
                 if n:
                     grown[0][:, :, :n].copy_(self.keys)

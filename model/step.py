@@ -60,6 +60,9 @@ class LlamaStep:
         return self.model.lm_head(inner.norm(h))[0, -1]
 
 
+HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128, 256)  # lc_decode's attention (model/kernels/qlinear.cpp attend_for)
+
+
 class NativeStep(LlamaStep):
     """The decoder layers of a step in one call of the VNNI kernel library (`lc_decode` in
     model/kernels/qlinear.cpp) when every projection is a `QLinear` and activations are bf16: no
@@ -114,7 +117,7 @@ class NativeStep(LlamaStep):
                 return False
         heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, attn.head_dim
         return (config.hidden_act == "silu" and config.hidden_size % 32 == 0 and config.intermediate_size % 32 == 0
-                and head_dim % 16 == 0 and head_dim <= 512 and heads % kv_heads == 0)  # lc_decode's shapes
+                and head_dim in HEAD_DIMS and heads % kv_heads == 0)  # lc_decode's shapes
 
     def __call__(self, x, cache):
         import torch

@@ -272,44 +272,61 @@ void rope(float* x, int64_t heads, int64_t dim, const uint16_t* cos, const uint1
 inline __m512 load_bf16_row(const uint16_t* p) { return load_bf16x16(p, 0xffff); }
 
 // One query's attention for the `group` query heads of one key/value head over n cached positions
-// (bf16 rows of `dim`, row stride dim): softmax(q k^T * scale) v, in fp32; out rounded to bf16.
-void attend(const float* q, int64_t group, const uint16_t* keys, const uint16_t* values, int64_t n, int64_t dim,
-            float scale, float* scores, float* out) {
-  const int64_t chunks = dim / 16;
+// (bf16 rows of 16 * C values): softmax(q k^T * scale) v, in fp32; out rounded to bf16. Each key row is
+// converted once for all the group's heads, and each head's weighted sum of values keeps its C vectors in
+// registers while the values stream by once (a loop per 16 values re-read them C times: 1.5 ms a layer at
+// 4k positions, 1B shape).
+template <int C>
+void attend(const float* q, int64_t group, const uint16_t* keys, const uint16_t* values, int64_t n, float scale,
+            float* scores, float* out) {
+  constexpr int64_t dim = 16 * C;
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 k[C];
+    for (int c = 0; c < C; ++c) k[c] = load_bf16_row(keys + j * dim + 16 * c);
+    for (int64_t g = 0; g < group; ++g) {
+      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q + g * dim), k[0]);
+      for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * dim + 16 * c), k[c], acc);
+      scores[g * n + j] = _mm512_reduce_add_ps(acc) * scale;
+    }
+  }
   for (int64_t g = 0; g < group; ++g) {
-    const float* qh = q + g * dim;
     float* s = scores + g * n;
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < n; ++j) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t c = 0; c < chunks; ++c)
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), load_bf16_row(keys + j * dim + 16 * c), acc);
-      s[j] = _mm512_reduce_add_ps(acc) * scale;
-      mx = s[j] > mx ? s[j] : mx;
-    }
-    __m512 sum = _mm512_setzero_ps();
+    __m512 mx16 = _mm512_set1_ps(-INFINITY);
     int64_t j = 0;
-    for (; j + 16 <= n; j += 16) {
-      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), _mm512_set1_ps(mx)));
-      _mm512_storeu_ps(s + j, e);
-      sum = _mm512_add_ps(sum, e);
+    for (; j + 16 <= n; j += 16) mx16 = _mm512_max_ps(mx16, _mm512_loadu_ps(s + j));
+    float mx = _mm512_reduce_max_ps(mx16);
+    for (; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+    __m512 sum = _mm512_setzero_ps();
+    for (j = 0; j < n; j += 16) {
+      const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), _mm512_set1_ps(mx)));
+      _mm512_mask_storeu_ps(s + j, m, e);
+      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
     }
-    if (j < n) {
-      const __mmask16 k = (__mmask16)((1u << (n - j)) - 1);
-      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), _mm512_set1_ps(mx)));
-      _mm512_mask_storeu_ps(s + j, k, e);
-      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(k, e));
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    __m512 acc[C];
+    for (int c = 0; c < C; ++c) acc[c] = _mm512_setzero_ps();
+    for (j = 0; j < n; ++j) {
+      const __m512 p = _mm512_set1_ps(s[j]);
+      for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(p, load_bf16_row(values + j * dim + 16 * c), acc[c]);
     }
-    const float inv = 1.0f / _mm512_reduce_add_ps(sum);
-    for (int64_t c = 0; c < chunks; ++c) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t jj = 0; jj < n; ++jj)
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(s[jj]), load_bf16_row(values + jj * dim + 16 * c), acc);
-      acc = _mm512_mul_ps(acc, _mm512_set1_ps(inv));
-      float tmp[16];
-      _mm512_storeu_ps(tmp, acc);
-      for (int i = 0; i < 16; ++i) out[g * dim + 16 * c + i] = rb(tmp[i]);
-    }
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + g * dim + 16 * c, rb_ps(_mm512_mul_ps(acc[c], inv)));
+  }
+}
+
+using AttendFn = void (*)(const float*, int64_t, const uint16_t*, const uint16_t*, int64_t, float, float*, float*);
+
+AttendFn attend_for(int64_t dim) {  // head sizes in use: 64 (Llama 3.2 1B, SmolLM2), 128 (3B)
+  switch (dim) {
+    case 16: return attend<1>;
+    case 32: return attend<2>;
+    case 48: return attend<3>;
+    case 64: return attend<4>;
+    case 80: return attend<5>;
+    case 96: return attend<6>;
+    case 128: return attend<8>;
+    case 256: return attend<16>;
+    default: return nullptr;
   }
 }
 
@@ -352,7 +369,8 @@ int lc_decode(uint16_t* h, const DecodeLayer* layers, const DecodeShape* s, cons
               const uint16_t* sin, int threads) {
   const int64_t H = s->hidden, D = s->head_dim, nq = s->heads * D, nkv = s->kv_heads * D, I = s->intermediate;
   const int64_t n = s->position + 1, group = s->heads / s->kv_heads;
-  if (H % 32 || I % 32 || D % 16 || D > 512 || s->heads % s->kv_heads || threads < 1) return -1;
+  const AttendFn attend = attend_for(D);
+  if (H % 32 || I % 32 || !attend || s->heads % s->kv_heads || threads < 1) return -1;
   thread_local std::vector<float> buf, score_buf;
   float* x = scratch(buf, (size_t)(3 * H + 2 * nq + 2 * nkv + 3 * I));
   float *xn = x + H, *q = xn + H, *k = q + nq, *v = k + nkv, *attn = v + nkv, *o = attn + nq, *gate = o + H,
@@ -382,7 +400,7 @@ int lc_decode(uint16_t* h, const DecodeLayer* layers, const DecodeShape* s, cons
       }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t kh = 0; kh < s->kv_heads; ++kh)
-      attend(q + kh * group * D, group, L.keys + kh * L.capacity * D, L.values + kh * L.capacity * D, n, D, s->scale,
+      attend(q + kh * group * D, group, L.keys + kh * L.capacity * D, L.values + kh * L.capacity * D, n, s->scale,
              scores + kh * group * n, attn + kh * group * D);
     void* o_out[1] = {o};
     linears(attn, false, 1, nq, &L.o, 1, o_out, false, threads);
