@@ -51,5 +51,5 @@ def _quant_kernel() -> str:
 
     why = available()
     if why is None:  # model.step.NativeStep: bf16 activations
-        return "AVX512-VNNI kernel (model/kernels/qlinear.cpp); in bf16, decode steps run natively, not compiled"
+        return "AVX512-VNNI kernel (model/kernels); in bf16, decode steps run natively, not compiled"
     return f"PyTorch's kernels ({why})"

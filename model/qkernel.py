@@ -1,4 +1,5 @@
-"""The int8/int4 matmul kernel for CPU decoding (model/kernels/qlinear.cpp), built on first use.
+"""The int8/int4 kernels for CPU decoding (model/kernels: the matmul in qlinear.cpp, a whole decode step
+in decode.cpp), built on first use.
 
 PyTorch's own weight-only kernels dequantize every weight to floating point, which kept a 1B model's
 int4 decoding well below what memory can deliver on a 2-core CPU (~21 GB/s of weights). This kernel
@@ -6,7 +7,7 @@ quantizes the activations to int8 per block of 32 and multiplies with AVX512-VNN
 the weights on 2 MB pages (see `hugepage_buffer`) it streams weights about as fast as the machine reads
 memory (29-56 GB/s here, as the VM's bandwidth varied).
 
-The source is compiled once per source version and compiler into the app's cache folder with the
+The sources are compiled once per source version and compiler into the app's cache folder with the
 system's C++ compiler (about a second) and called through ctypes: no torch headers, no build step at
 install.
 Where it cannot run (no AVX512-VNNI, no compiler, another OS, LLAMA_CHAT_KERNEL=torch), `load()` says
@@ -25,7 +26,8 @@ from pathlib import Path
 
 import torch  # loaded first, so the kernel binds to torch's OpenMP runtime (one thread pool)
 
-SOURCE = Path(__file__).with_name("kernels") / "qlinear.cpp"
+KERNELS = Path(__file__).with_name("kernels")
+SOURCES = (KERNELS / "qlinear.cpp", KERNELS / "decode.cpp")  # with KERNELS / "qlinear.h"
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni")
 CFLAGS = ("-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC",
           "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mfma")
@@ -78,18 +80,18 @@ def _build_and_load():
         raise Unavailable("no C++ compiler found (install g++ or clang++)")
     from model.qcache import app_cache_folder
 
-    source = SOURCE.read_bytes()
+    source = b"".join(p.read_bytes() for p in (*SOURCES, KERNELS / "qlinear.h"))
     digest = hashlib.sha256(source + " ".join((cxx, *CFLAGS)).encode()).hexdigest()[:16]
     lib = app_cache_folder() / "kernels" / f"qlinear-{digest}.so"
     try:
         if not lib.is_file():
             lib.parent.mkdir(parents=True, exist_ok=True)
             tmp = lib.with_suffix(f".tmp{os.getpid()}.so")
-            proc = subprocess.run([cxx, *CFLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True,
+            proc = subprocess.run([cxx, *CFLAGS, *map(str, SOURCES), "-o", str(tmp)], capture_output=True, text=True,
                                   check=False)
             if proc.returncode != 0:
                 tmp.unlink(missing_ok=True)
-                raise Unavailable(f"compiling {SOURCE.name} failed: {proc.stderr.strip()[-500:]}")
+                raise Unavailable(f"compiling model/kernels failed: {proc.stderr.strip()[-500:]}")
             tmp.replace(lib)
         found = ctypes.CDLL(str(lib))
         fn, step = found.lc_qlinear, found.lc_decode
@@ -102,7 +104,7 @@ def _build_and_load():
     return found
 
 
-class QMat(ctypes.Structure):  # qlinear.cpp's structs, field for field
+class QMat(ctypes.Structure):  # the kernels' structs (qlinear.h, decode.cpp), field for field
     _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("offsets", ctypes.c_void_p),
                 ("group", ctypes.c_int64), ("bits", ctypes.c_int64), ("n", ctypes.c_int64)]
 

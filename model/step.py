@@ -60,12 +60,12 @@ class LlamaStep:
         return self.model.lm_head(inner.norm(h))[0, -1]
 
 
-HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128, 256)  # lc_decode's attention (model/kernels/qlinear.cpp attend_for)
+HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128, 256)  # lc_decode's attention (model/kernels/decode.cpp attend_for)
 
 
 class NativeStep(LlamaStep):
     """The decoder layers of a step in one call of the VNNI kernel library (`lc_decode` in
-    model/kernels/qlinear.cpp) when every projection is a `QLinear` and activations are bf16: no
+    model/kernels/decode.cpp) when every projection is a `QLinear` and activations are bf16: no
     PyTorch op between the layers' matmuls. Embedding, final norm and output layer stay the modules'."""
 
     def __init__(self, model):
