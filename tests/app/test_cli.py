@@ -28,6 +28,17 @@ def test_bad_config_exits_2_naming_file_and_key(tmp_path):
     assert "Traceback" not in r.stderr and cfg.read_text() == '[guard]\nthreshold = "high"\n'
 
 
+def test_model_options_hold_before_and_after_the_subcommand():
+    from app.cli import build_parser
+
+    for argv in (["--demo", "--no-guard", "--quantize", "int4", "ask", "hi"],
+                 ["ask", "--demo", "--no-guard", "--quantize", "int4", "hi"]):
+        args = build_parser().parse_args(argv)
+        assert (args.demo, args.no_guard, args.quantize, args.prompt) == (True, True, "int4", "hi"), argv
+    args = build_parser().parse_args(["--quantize", "int8", "ask", "--quantize", "int4"])
+    assert args.quantize == "int4" and args.model is None and not args.no_guard
+
+
 def test_config_path_and_show():
     r = run("config", "path")
     assert r.returncode == 0 and r.stdout.strip().endswith("config/config.toml")
