@@ -101,7 +101,7 @@ class Runner:
         from model.step import NativeStep
 
         if isinstance(self._kv.eager_step, NativeStep):
-            return  # faster than compiled steps (int4, 1B shape: 45.4 vs 36.3 tok/s short, 39.3 vs 27.0 at 1k)
+            return  # faster than compiled steps (int4, 1B shape: 35.9-45.8 vs 29.8-36.3 tok/s short, README)
         if self.compiled is None:
             self.compiled = CompiledDecoder(self.model, max_positions=self.context_window, cache_folder=cache_folder)
 
