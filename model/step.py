@@ -83,7 +83,7 @@ class NativeStep(LlamaStep):
                                  scale=attn0.scaling)
         self.layers = (DecodeLayer * len(layers))()
         self.kv_like = torch.empty(1, config.num_key_value_heads, 0, attn0.head_dim, dtype=model.dtype)
-        self.held = []  # the cache buffers whose addresses `self.layers` holds
+        self.held = []  # weak references to the key buffers whose addresses `self.layers` holds
         for spec, layer in zip(self.layers, layers):
             attn, mlp = layer.self_attn, layer.mlp
             spec.attn_norm = layer.input_layernorm.weight.data_ptr()
@@ -120,6 +120,8 @@ class NativeStep(LlamaStep):
                 and head_dim in HEAD_DIMS and heads % kv_heads == 0)  # lc_decode's shapes
 
     def __call__(self, x, cache):
+        import weakref
+
         import torch
 
         from model.kvcache import _growing_layer_class
@@ -129,8 +131,8 @@ class NativeStep(LlamaStep):
             return super().__call__(x, cache)
         n = cache.get_seq_length()
         buffers = [layer.reserve(n + 1, self.kv_like) for layer in layers]
-        if len(self.held) != len(buffers) or any(a is not b[0] for a, b in zip(self.held, buffers)):
-            self.held = [b[0] for b in buffers]
+        if len(self.held) != len(buffers) or any(ref() is not b[0] for ref, b in zip(self.held, buffers)):
+            self.held = [weakref.ref(b[0]) for b in buffers]  # weak: a dropped cache's memory is freed
             for spec, (keys, values) in zip(self.layers, buffers):
                 spec.keys, spec.values, spec.capacity = keys.data_ptr(), values.data_ptr(), keys.shape[-2]
         h = self.inner.embed_tokens(x).contiguous()
