@@ -10,17 +10,17 @@ GROW = 256  # positions a growing cache layer adds at least when it runs out of 
 
 
 def new_cache(config):
-    """A transformers DynamicCache whose full-attention layers grow in place (`_growing_layer_class`)."""
+    """A transformers DynamicCache whose full-attention layers grow in place (`growing_layer_type`)."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
     cache = DynamicCache(config=config)
-    cache.layers = [_growing_layer_class()() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    cache.layers = [growing_layer_type()() if type(layer) is DynamicLayer else layer for layer in cache.layers]
     return cache
 
 
 @functools.cache
-def _growing_layer_class():
+def growing_layer_type():
     """A DynamicLayer that appends into spare room instead of concatenating: transformers' own copies the
     whole layer every token (at 1k tokens of context, 32 MB a token on the 1B shape). Its keys and values
     are views of buffers that grow by a quarter (at least GROW positions) when full."""

@@ -116,22 +116,27 @@ def _store(model, layout, mode, kernel_name, key, weights: Path, record: Path) -
     order = sorted(state, key=lambda name: state[name].data_ptr() == embedding)  # the embedding last
     weights.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = weights.with_suffix(f".tmp{os.getpid()}")
-    table, offset = [], 0
+    table, arena_bytes = [], None
+    regions = [_ChunkCRC(), _ChunkCRC()]  # the arena's chunks, the embedding's: hashed as they are written
     try:
         with open(tmp, "wb") as f:
             os.chmod(tmp, 0o600)
+
+            def put(data) -> None:
+                f.write(data)
+                regions[arena_bytes is not None].feed(memoryview(data))
+
             for name in order:
                 tensor = state[name]
+                put(b"\0" * (-f.tell() % ALIGN))
+                if tensor.data_ptr() == embedding and arena_bytes is None:  # the arena ends here
+                    arena_bytes = f.tell()
                 data = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
-                pad = -offset % ALIGN
-                f.write(b"\0" * pad)
-                offset += pad
-                table.append([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), offset, len(data)])
-                f.write(data)
-                offset += len(data)
-        arena_bytes = next((row[3] for row in table if state[row[0]].data_ptr() == embedding), offset)
-        with open(tmp, "rb") as f:
-            digests = [_hash_range(f, 0, arena_bytes), _hash_range(f, arena_bytes, offset)]
+                table.append([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), f.tell(), len(data)])
+                put(data)
+            offset = f.tell()
+        arena_bytes = offset if arena_bytes is None else arena_bytes
+        digests = [r.crcs() for r in regions]
         meta = {
             "format": FORMAT, "key": key, "mode": mode, "kernel": kernel_name, "created": time.time(),
             "layout": {name: list(spec) for name, spec in layout.items()},
@@ -144,6 +149,24 @@ def _store(model, layout, mode, kernel_name, key, weights: Path, record: Path) -
     tmp_record = record.with_suffix(f".tmp{os.getpid()}")
     tmp_record.write_text(json.dumps(meta))
     tmp_record.replace(record)
+
+
+class _ChunkCRC:
+    """CRC-32 of each CHUNK of a region fed in order: what `_hash_range` reads back from the file."""
+
+    def __init__(self):
+        self.done, self.crc, self.filled = [], 0, 0
+
+    def feed(self, data: memoryview) -> None:
+        while len(data):
+            take = min(CHUNK - self.filled, len(data))
+            self.crc, self.filled, data = zlib.crc32(data[:take], self.crc), self.filled + take, data[take:]
+            if self.filled == CHUNK:
+                self.done.append(self.crc)
+                self.crc, self.filled = 0, 0
+
+    def crcs(self) -> list[int]:
+        return self.done + ([self.crc] if self.filled else [])
 
 
 def _hash_range(f, start: int, end: int) -> list[int]:

@@ -9,12 +9,15 @@ call of the VNNI kernel library.
 
 from __future__ import annotations
 
+import weakref
+
+from model.kvcache import growing_layer_type
+
 
 class LlamaStep:
     """`step(x, cache)`: the logits [vocab] of one token `x` ([1, 1] ids) after what `cache` holds."""
 
     def __init__(self, model):
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS  # noqa: F401 (registers interfaces)
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         from transformers.models.llama.modeling_llama import rotate_half
 
@@ -120,14 +123,10 @@ class NativeStep(LlamaStep):
                 and head_dim in HEAD_DIMS and heads % kv_heads == 0)  # lc_decode's shapes
 
     def __call__(self, x, cache):
-        import weakref
-
         import torch
 
-        from model.kvcache import _growing_layer_class
-
         layers = cache.layers[: self.shape.layers]
-        if not all(isinstance(layer, _growing_layer_class()) for layer in layers):
+        if not all(isinstance(layer, growing_layer_type()) for layer in layers):
             return super().__call__(x, cache)
         n = cache.get_seq_length()
         buffers = [layer.reserve(n + 1, self.kv_like) for layer in layers]

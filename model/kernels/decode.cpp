@@ -18,6 +18,11 @@ inline __m512 rb_ps(__m512 v) {  // rb on 16 finite values: round to nearest eve
   return _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u)));
 }
 
+// x += bf16(y), rounded: a residual connection as transformers adds two bf16 tensors.
+inline void add_residual(float* x, const float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = rb(x[i] + rb(y[i]));
+}
+
 // exp(x) for x <= 0 (softmax, SiLU's exp(-|g|)): 2^(x log2 e) split into 2^n * 2^f, f in [-0.5, 0.5],
 // 2^f by a degree-6 polynomial (relative error ~2e-7, about fp32's epsilon).
 inline __m512 exp_ps(__m512 x) {
@@ -186,7 +191,7 @@ int lc_decode(uint16_t* h, const DecodeLayer* layers, const DecodeShape* s, cons
              scores + kh * group * n, attn + kh * group * D);
     void* o_out[1] = {o};
     linears(attn, false, 1, nq, &L.o, 1, o_out, false, threads);
-    for (int64_t i = 0; i < H; ++i) x[i] = rb(x[i] + rb(o[i]));
+    add_residual(x, o, H);
     rmsnorm(x, L.mlp_norm, H, s->eps, xn);
     const QMat gu[2] = {L.gate, L.up};
     void* gu_out[2] = {gate, up};
@@ -201,7 +206,7 @@ int lc_decode(uint16_t* h, const DecodeLayer* layers, const DecodeShape* s, cons
     }
     void* d_out[1] = {o};
     linears(act, false, 1, I, &L.down, 1, d_out, false, threads);
-    for (int64_t i = 0; i < H; ++i) x[i] = rb(x[i] + rb(o[i]));
+    add_residual(x, o, H);
   }
   for (int64_t i = 0; i < H; ++i) h[i] = f32_to_bf16(x[i]);
   return 0;
