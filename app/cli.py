@@ -12,6 +12,7 @@ import json
 import sys
 
 from app.errors import ConfigError, LlamaChatError
+from model import QUANTIZE_MODES
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INPUT_BLOCKED, EXIT_REPLY_BLOCKED = 0, 1, 2, 3, 4
 DEMO_NOTE = "demo: SmolLM2-135M-Instruct, a small non-Llama model, running unguarded (no Llama Guard)"
@@ -33,8 +34,9 @@ def _model_options(p: argparse.ArgumentParser, *, defaults: bool = True) -> None
                    **kw)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps", **kw)
     p.add_argument("--dtype", help="auto, bfloat16, float16 or float32", **kw)
-    p.add_argument("--quantize", choices=("bf16", "int8", "int4", "int4-fast"),
-                   help="CPU weight mode for the chat model (the guard stays bf16)", **kw)
+    p.add_argument("--quantize", choices=QUANTIZE_MODES,
+                   help="CPU weight mode for the chat model: auto (int4 on the CPU), bf16, int8, int4 or int4-fast "
+                        "(the guard stays bf16)", **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,9 +22,10 @@ def report(config) -> str:
 
     from app.paths import cache_dir, config_file, data_dir, database_file
     from model.compiled import can_compile
-    from model.device import cpu_has_native_bf16, physical_cores, pick_device, pick_dtype
+    from model.device import cpu_has_native_bf16, physical_cores, pick_device, pick_dtype, pick_quantize
 
     device = pick_device(config.model.device)
+    weights = pick_quantize(config.model.quantize, device, pick_dtype(config.model.dtype, device))
     lines = [
         f"python        {platform.python_version()} on {platform.system()} {platform.machine()}",
         f"torch         {torch.__version__}   transformers {transformers.__version__}",
@@ -32,7 +33,7 @@ def report(config) -> str:
         f"dtype         {str(pick_dtype(config.model.dtype, device)).replace('torch.', '')} "
         f"(asked: {config.model.dtype}; native CPU bf16: {'yes' if cpu_has_native_bf16() else 'no'})",
         f"cpu threads   {physical_cores()} physical cores",
-        f"weights       {config.model.quantize}; compiled decoding {config.model.compile}: "
+        f"weights       {weights} (asked: {config.model.quantize}); compiled decoding {config.model.compile}: "
         f"{can_compile() or 'available'}",
         f"int8/int4     {_quant_kernel()}",
         f"chat model    {config.model.source}: {_model_state(config.model.source)}",

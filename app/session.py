@@ -108,7 +108,7 @@ class Engine:
         # Quantized weights and compiled code go to the app's cache folder (model.qcache.app_cache_folder).
         runner = Runner.load(config.model.source, device=config.model.device, dtype=config.model.dtype,
                              context_window=config.model.context or None, quantize=config.model.quantize,
-                             compile=wants_compile(config, interactive))
+                             compile=wants_compile(config, interactive), progress=say)
         return cls(runner, guard, runner.source.name, demo)
 
 

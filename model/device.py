@@ -93,6 +93,17 @@ def pick_dtype(requested: str, device: str):
     return getattr(torch, name)
 
 
+def pick_quantize(requested: str, device: str, dtype) -> str:
+    """`auto` is int4 on the CPU (its quality gate holds: README, "CPU weight modes"; measured on SmolLM2's
+    Q4_1 GGUF, so it holds for a GGUF quantized again too), else bf16 (none): the modes are CPU kernels for
+    bf16 or fp32 activations."""
+    import torch
+
+    if requested != "auto":
+        return requested
+    return "int4" if device.split(":")[0] == "cpu" and dtype in (torch.bfloat16, torch.float32) else "bf16"
+
+
 def configure_threads(device: str, threads: int | None = None) -> int:
     """Use one intra-op thread per physical core on CPU (hyper-threads slow matmuls down)."""
     import torch

@@ -92,9 +92,11 @@ class Loaded:
     generation_defaults: dict
 
 
-def load_checkpoint(source: Source, *, device: str, dtype, quantize: str = "bf16", cache_folder: Path | None = None) -> Loaded:
+def load_checkpoint(source: Source, *, device: str, dtype, quantize: str = "bf16", cache_folder: Path | None = None,
+                    progress=None) -> Loaded:
     """Load model and tokenizer in `dtype` on `device`, all from local files. A `quantize` mode other
-    than bf16 builds the quantized model once and reuses it from `cache_folder` afterwards."""
+    than bf16 builds the quantized model once (telling `progress(text)`) and reuses it from `cache_folder`
+    afterwards."""
     try:
         if quantize == "bf16":
             tokenizer = load_tokenizer(source)
@@ -106,7 +108,7 @@ def load_checkpoint(source: Source, *, device: str, dtype, quantize: str = "bf16
                 raise ModelError(f"--quantize {quantize} is for CPU decoding; on {device} use bf16.")
             model, tokenizer = load_quantized(source, quantize, dtype=dtype, cache_folder=cache_folder,
                                               build=lambda: load_model(source, dtype),
-                                              alongside=lambda: load_tokenizer(source))
+                                              alongside=lambda: load_tokenizer(source), progress=progress)
     except ModelError:
         raise
     except Exception as e:  # transformers raises many types; the user needs to know which file failed
@@ -131,7 +133,11 @@ def load_tokenizer(source: Source):
     folder, kwargs = _transformers_args(source)
     # A .gguf carries its tokenizer; tokenizer files beside it win (they keep the chat template exact).
     if (folder / "tokenizer.json").is_file():
-        kwargs = {"local_files_only": True}
+        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if source.kind == "gguf":
+        from model.qcache import cached_tokenizer
+
+        return cached_tokenizer(source, lambda: AutoTokenizer.from_pretrained(folder, **kwargs))
     return AutoTokenizer.from_pretrained(folder, **kwargs)
 
 

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -55,10 +56,45 @@ def app_cache_folder() -> Path:
     return user_cache_path("llama-chat")
 
 
-def load_quantized(source, mode: str, *, dtype, cache_folder: Path | None, build, alongside=None):
+def cached_tokenizer(source, convert):
+    """The tokenizer `convert()` builds from `source` (a GGUF file: reading its vocabulary in Python takes
+    ~4 s for SmolLM2's 49k tokens), saved once in the app's cache folder, keyed by the file and the
+    transformers version, and loaded from there (~0.3 s) while every saved file's CRC-32 matches its record."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    ident = f"{FORMAT}|tokenizer|{source.path}|{_fingerprint(source)}|{transformers.__version__}"
+    folder = app_cache_folder() / "tokenizers" / hashlib.sha256(ident.encode()).hexdigest()[:32]
+    record = folder.with_suffix(".json")
+    try:
+        crcs = json.loads(record.read_text())
+        if crcs and all(zlib.crc32((folder / name).read_bytes()) == crc for name, crc in crcs.items()):
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    tokenizer = convert()
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    try:
+        record.unlink(missing_ok=True)  # no record names a half-replaced folder
+        tokenizer.save_pretrained(tmp)
+        crcs = {p.name: zlib.crc32(p.read_bytes()) for p in tmp.iterdir()}
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+        tmp_record = record.with_suffix(f".tmp{os.getpid()}")
+        tmp_record.write_text(json.dumps(crcs))
+        tmp_record.replace(record)
+    except OSError as e:  # a full disk or a read-only cache: convert again next time
+        log.warning("could not keep the converted tokenizer in %s: %s", folder, e)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer
+
+
+def load_quantized(source, mode: str, *, dtype, cache_folder: Path | None, build, alongside=None, progress=None):
     """(the quantized model, what `alongside()` returned). The model comes from the cache, or is built with
     `build()` (bf16 on CPU), quantized, stored and read back (so its weights sit on huge pages either way).
-    `alongside` (loading the tokenizer, say) runs in this thread while a cache hit's weights stream in."""
+    `alongside` (loading the tokenizer, say) runs in this thread while a cache hit's weights stream in.
+    `progress(text)` hears when the model has to be built (a first start: seconds to a minute)."""
     from model.quant import kernel, quantize_model
 
     kernel_name = kernel()
@@ -73,6 +109,8 @@ def load_quantized(source, mode: str, *, dtype, cache_folder: Path | None, build
     if model is not None:
         model.quant_cache = "hit"
         return model, extra
+    if progress:
+        progress(f"Quantizing {source.name.rstrip('/').split('/')[-1]} to {mode} (first start only)…")
     model = build()
     layout = quantize_model(model, mode, kernel_name)
     try:

@@ -23,7 +23,7 @@ from torch import nn
 
 from model.qkernel import available, qlinear
 
-MODES = ("bf16", "int8", "int4", "int4-fast")
+MODES = ("bf16", "int8", "int4", "int4-fast")  # model.QUANTIZE_MODES less "auto"
 GROUPS = {"int4": 32, "int4-fast": 128}
 
 

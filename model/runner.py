@@ -72,18 +72,20 @@ class Runner:
     @classmethod
     def load(cls, src, *, device: str = "auto", dtype: str = "auto", threads: int | None = None,
              context_window: int | None = None, quantize: str = "bf16", cache_folder=None,
-             compile: bool = False) -> "Runner":
-        """`quantize`: bf16 (none), int8, int4 or int4-fast (CPU; see model.quant). `compile`: decode
-        with compiled steps once they are ready (see `compile_decoding`)."""
-        from model.device import configure_threads, pick_device, pick_dtype
+             compile: bool = False, progress=None) -> "Runner":
+        """`quantize`: bf16 (none), int8, int4 or int4-fast (CPU; see model.quant), or auto (int4 on the
+        CPU: model.device.pick_quantize). `compile`: decode with compiled steps once they are ready (see
+        `compile_decoding`). `progress(text)` hears of slow steps (quantizing on a first start)."""
+        from model.device import configure_threads, pick_device, pick_dtype, pick_quantize
 
         dev = pick_device(device)
         configure_threads(dev, threads)
         source = resolve_source(src)
+        quantize = pick_quantize(quantize, dev, pick_dtype(dtype, dev))
         if dtype == "auto" and source.kind == "gguf" and quantize == "bf16":
             dtype = "float32"  # transformers' packed GGUF kernels compute in fp32
         loaded = load_checkpoint(source, device=dev, dtype=pick_dtype(dtype, dev), quantize=quantize,
-                                 cache_folder=cache_folder)
+                                 cache_folder=cache_folder, progress=progress)
         runner = cls(loaded, device=dev, context_window=context_window)
         runner.quantize = quantize
         if compile:

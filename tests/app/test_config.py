@@ -18,6 +18,7 @@ def write(path, text):
 def test_defaults_and_locations_follow_llama_chat_home(tmp_path):
     c = load_config(env={})
     assert c.model.source == "meta-llama/Llama-3.2-1B-Instruct" and c.guard.enabled and c.guard.mode == "strict"
+    assert c.model.quantize == "auto"  # int4 on the CPU (model.device.pick_quantize)
     assert config_file() == tmp_path / "home" / "config" / "config.toml"
     assert database_file() == tmp_path / "home" / "data" / "history.sqlite3"
     assert not (tmp_path / "home").exists()  # nothing is created by reading settings

@@ -56,12 +56,15 @@ def test_plan_rejects_unknown_modes(tiny_llama_dir):
 
 
 def test_cache_build_reuse_and_rebuild_after_corruption(tiny_llama_dir, tmp_path, ids):
-    cache = tmp_path / "q"
-    first = Runner.load(str(tiny_llama_dir), device="cpu", dtype="bfloat16", quantize="int4", cache_folder=cache)
-    assert first.model.quant_cache == "built"
+    cache, said = tmp_path / "q", []
+    first = Runner.load(str(tiny_llama_dir), device="cpu", dtype="bfloat16", quantize="auto", cache_folder=cache,
+                        progress=said.append)
+    assert (first.quantize, first.model.quant_cache) == ("int4", "built")  # auto: int4 on the CPU
+    assert len(said) == 1 and said[0].startswith("Quantizing") and "to int4 (first start only" in said[0]
     [weights] = cache.glob("*.bin")
-    second = Runner.load(str(tiny_llama_dir), device="cpu", dtype="bfloat16", quantize="int4", cache_folder=cache)
-    assert second.model.quant_cache == "hit"
+    second = Runner.load(str(tiny_llama_dir), device="cpu", dtype="bfloat16", quantize="int4", cache_folder=cache,
+                         progress=said.append)
+    assert second.model.quant_cache == "hit" and len(said) == 1
     if kernel() == "vnni":  # every weight in one buffer, on 2 MB page boundaries (huge pages where allowed)
         bases = {m.codes.untyped_storage().data_ptr() for m in second.model.modules() if isinstance(m, QLinear)}
         assert len(bases) == 1
@@ -96,6 +99,16 @@ def test_each_mode_has_its_own_entry_and_a_changed_checkpoint_is_not_reused(tiny
     before = cache_key(resolve_source(copy), "int4", torch.bfloat16)
     (copy / "config.json").write_text((copy / "config.json").read_text() + "\n")
     assert cache_key(resolve_source(copy), "int4", torch.bfloat16) != before
+
+
+def test_auto_is_int4_on_the_cpu_only():
+    from model.device import pick_quantize
+
+    assert pick_quantize("auto", "cpu", torch.bfloat16) == "int4"
+    assert pick_quantize("auto", "cpu", torch.float32) == "int4"  # CPUs without native bf16
+    assert pick_quantize("auto", "cuda:0", torch.bfloat16) == "bf16"  # the modes are CPU kernels
+    assert pick_quantize("auto", "cpu", torch.float16) == "bf16"  # for bf16 or fp32 activations
+    assert pick_quantize("int8", "cpu", torch.bfloat16) == "int8"  # what was asked for, as asked
 
 
 def test_quantized_modes_refuse_other_devices(tiny_llama_dir):

@@ -89,6 +89,25 @@ def test_gguf_file_loads_with_same_logits(tiny_llama_dir, llama_tokenizer_dir, t
         got = r.model(torch.tensor([ids])).logits[0, -1]
     torch.testing.assert_close(got, reference_logits(tiny_llama_dir, ids), atol=1e-4, rtol=1e-4)
 
+    # Its tokenizer was converted once and kept: later loads read the saved copy, checked file by file.
+    from model.loading import load_tokenizer, resolve_source
+    from model.qcache import app_cache_folder, cached_tokenizer
+
+    converted, src = [], resolve_source(path)
+
+    def convert():
+        converted.append(1)
+        return load_tokenizer(src)
+
+    def encode(tokenizer):
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    assert encode(cached_tokenizer(src, convert)) == encode(r.tokenizer) and not converted
+    [saved] = (app_cache_folder() / "tokenizers").glob("*/tokenizer.json")
+    saved.write_text(saved.read_text().replace('"hello"', '"hallo"'))  # altered: converted again, not trusted
+    assert encode(cached_tokenizer(src, convert)) == encode(r.tokenizer) and converted == [1]
+    assert '"hallo"' not in saved.read_text()
+
 
 @pytest.mark.slow
 def test_meta_original_format_converts_on_load(tiny_llama_dir, llama_tokenizer_dir, llama_tokenizer, tmp_path):
