@@ -7,7 +7,7 @@ every token straight into one buffer on 2 MB pages (model.qkernel.hugepage_buffe
 input embedding (a lookup touches a few of its rows). Every byte is checked before use: a CRC-32
 finds a flipped bit or a torn write and runs at ~4 GB/s here (SHA-256: 1.8), which matters at start-up.
 An entry that is missing, stale (another key), truncated, altered or does not fit the model is rebuilt,
-never trusted blindly.
+never trusted blindly. A GGUF file's tokenizer is converted once and kept the same way (`cached_tokenizer`).
 """
 
 from __future__ import annotations
