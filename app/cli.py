@@ -35,7 +35,7 @@ def _model_options(p: argparse.ArgumentParser, *, defaults: bool = True) -> None
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps", **kw)
     p.add_argument("--dtype", help="auto, bfloat16, float16 or float32", **kw)
     p.add_argument("--quantize", choices=QUANTIZE_MODES,
-                   help="CPU weight mode for the chat model: auto (int4 on the CPU), bf16, int8, int4 or int4-fast "
+                   help="CPU weight mode for the chat model: auto (int4 where fast), bf16, int8, int4 or int4-fast "
                         "(the guard stays bf16)", **kw)
 
 

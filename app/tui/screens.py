@@ -159,7 +159,7 @@ class SettingsScreen(Modal):
                 yield Select(choices, value=c.model.source, allow_blank=False, id="model")
                 yield Input(placeholder="…or a path to a folder, .gguf or Meta original folder", id="model-path")
                 yield Label("CPU weight mode")
-                yield Select([("auto: int4 on the CPU, bf16 on a GPU", "auto"), ("bf16: full precision", "bf16"),
+                yield Select([("auto: int4 where it is fast, else bf16", "auto"), ("bf16: full precision", "bf16"),
                               ("int8: ~2x faster, near-lossless", "int8"), ("int4: fastest with good quality", "int4"),
                               ("int4-fast: fastest, lower quality", "int4-fast")],
                              value=c.model.quantize, allow_blank=False, id="quantize")

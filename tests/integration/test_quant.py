@@ -101,14 +101,19 @@ def test_each_mode_has_its_own_entry_and_a_changed_checkpoint_is_not_reused(tiny
     assert cache_key(resolve_source(copy), "int4", torch.bfloat16) != before
 
 
-def test_auto_is_int4_on_the_cpu_only():
+def test_auto_is_int4_on_the_cpu_where_a_fast_kernel_runs_it(monkeypatch):
+    import model.quant
     from model.device import pick_quantize
 
+    monkeypatch.setattr(model.quant, "kernel", lambda: "vnni")
     assert pick_quantize("auto", "cpu", torch.bfloat16) == "int4"
-    assert pick_quantize("auto", "cpu", torch.float32) == "int4"  # CPUs without native bf16
+    assert pick_quantize("auto", "cpu", torch.float32) == "int4"  # the VNNI kernel takes fp32 activations too
     assert pick_quantize("auto", "cuda:0", torch.bfloat16) == "bf16"  # the modes are CPU kernels
     assert pick_quantize("auto", "cpu", torch.float16) == "bf16"  # for bf16 or fp32 activations
     assert pick_quantize("int8", "cpu", torch.bfloat16) == "int8"  # what was asked for, as asked
+    monkeypatch.setattr(model.quant, "kernel", lambda: "torch")  # no AVX512-VNNI: PyTorch's int4 kernel
+    assert pick_quantize("auto", "cpu", torch.bfloat16) == "int4"
+    assert pick_quantize("auto", "cpu", torch.float32) == "bf16"  # it is slow with fp32 activations
 
 
 def test_quantized_modes_refuse_other_devices(tiny_llama_dir):
