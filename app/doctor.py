@@ -25,15 +25,16 @@ def report(config) -> str:
     from model.device import cpu_has_native_bf16, physical_cores, pick_device, pick_dtype, pick_quantize
 
     device = pick_device(config.model.device)
-    weights = pick_quantize(config.model.quantize, device, pick_dtype(config.model.dtype, device))
+    dtype = pick_dtype(config.model.dtype, device)
     lines = [
         f"python        {platform.python_version()} on {platform.system()} {platform.machine()}",
         f"torch         {torch.__version__}   transformers {transformers.__version__}",
         f"device        {device} (asked: {config.model.device}); CUDA {'yes' if torch.cuda.is_available() else 'no'}",
-        f"dtype         {str(pick_dtype(config.model.dtype, device)).replace('torch.', '')} "
+        f"dtype         {str(dtype).replace('torch.', '')} "
         f"(asked: {config.model.dtype}; native CPU bf16: {'yes' if cpu_has_native_bf16() else 'no'})",
         f"cpu threads   {physical_cores()} physical cores",
-        f"weights       {weights} (asked: {config.model.quantize}); compiled decoding {config.model.compile}: "
+        f"weights       {pick_quantize(config.model.quantize, device, dtype)} (asked: {config.model.quantize}); "
+        f"compiled decoding {config.model.compile}: "
         f"{can_compile() or 'available'}",
         f"int8/int4     {_quant_kernel()}",
         f"chat model    {config.model.source}: {_model_state(config.model.source)}",

@@ -110,7 +110,7 @@ def load_quantized(source, mode: str, *, dtype, cache_folder: Path | None, build
         model.quant_cache = "hit"
         return model, extra
     if progress:
-        progress(f"Quantizing {source.name.rstrip('/').split('/')[-1]} to {mode} (first start only)…")
+        progress(f"Quantizing {Path(source.name).name} to {mode} (first start only)…")
     model = build()
     layout = quantize_model(model, mode, kernel_name)
     try:

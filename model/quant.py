@@ -21,9 +21,10 @@ import functools
 import torch
 from torch import nn
 
+from model import QUANTIZE_MODES
 from model.qkernel import available, qlinear
 
-MODES = ("bf16", "int8", "int4", "int4-fast")  # model.QUANTIZE_MODES less "auto"
+MODES = tuple(m for m in QUANTIZE_MODES if m != "auto")  # "auto" is resolved first (model.device.pick_quantize)
 GROUPS = {"int4": 32, "int4-fast": 128}
 ROWS_AT_ONCE = 256  # QLinear.from_linear; a multiple of the kernel's tiles of 16 rows
 
