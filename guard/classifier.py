@@ -82,13 +82,15 @@ class Guard:
     @classmethod
     def load(cls, src: str = DEFAULT_GUARD, *, device: str = "auto", dtype: str = "auto",
              settings: GuardSettings | None = None) -> "Guard":
-        from model.device import configure_threads, pick_device, pick_dtype
-        from model.loading import load_checkpoint, resolve_source
+        from model.loading import load_checkpoint, paused_gc, resolve_source
 
-        dev = pick_device(device)
-        configure_threads(dev)
-        source = resolve_source(src)
-        loaded = load_checkpoint(source, device=dev, dtype=pick_dtype(dtype, dev))
+        with paused_gc():
+            from model.device import configure_threads, pick_device, pick_dtype
+
+            dev = pick_device(device)
+            configure_threads(dev)
+            source = resolve_source(src)
+            loaded = load_checkpoint(source, device=dev, dtype=pick_dtype(dtype, dev))
         return cls(loaded.model, loaded.tokenizer, name=source.name, settings=settings)
 
     def _single_token(self, text: str) -> int:

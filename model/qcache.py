@@ -2,32 +2,38 @@
 materialising the bf16 weights (meta-device model, `load_state_dict(assign=True)`).
 
 An entry is a `.bin` file holding every tensor of the state dict back to back, plus a `.json` record
-(key, layout, config, tensor table, size, CRC-32 per 64 MB chunk). Loading reads what decoding streams
-every token straight into one buffer on 2 MB pages (model.qkernel.hugepage_buffer), and memory-maps the
+(key, source, layout, config, tensor table, size, CRC-32 per 64 MB chunk). Loading reads what decoding
+streams every token straight into one buffer on 2 MB pages (`_hugepage_view`), and memory-maps the
 input embedding (a lookup touches a few of its rows). Every byte is checked before use: a CRC-32
 finds a flipped bit or a torn write and runs at ~4 GB/s here (SHA-256: 1.8), which matters at start-up.
 An entry that is missing, stale (another key), truncated, altered or does not fit the model is rebuilt,
-never trusted blindly. A GGUF file's tokenizer is converted once and kept the same way (`cached_tokenizer`).
+never trusted blindly. The read can start before torch is imported (`prefetch`). A GGUF file's tokenizer
+is converted once and kept the same way (`cached_tokenizer`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
+import mmap
 import os
 import shutil
+import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-FORMAT = 3
+FORMAT = 4  # 4: records name their checkpoint (prefetch, dropping stale entries)
+TOKENIZER_FORMAT = 3
 CHUNK = 64 << 20
 ALIGN = 64
 ROTARY_KEY = "__rotary_inv_freq__"  # GGUF checkpoints carry rope factors that live in a non-saved buffer
+HUGE_PAGE = 2 << 20
 
 
 def _fingerprint(source) -> str:
@@ -39,10 +45,14 @@ def _fingerprint(source) -> str:
     return ";".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
 
 
+def _checkpoint(source) -> str:
+    return f"{source.kind}|{source.path}"
+
+
 def cache_key(source, mode: str, dtype, kernel: str = "torch") -> str:
     import torch
 
-    ident = f"{FORMAT}|{source.kind}|{source.path}|{_fingerprint(source)}|{mode}|{kernel}|{dtype}|{torch.__version__}"
+    ident = f"{FORMAT}|{_checkpoint(source)}|{_fingerprint(source)}|{mode}|{kernel}|{dtype}|{torch.__version__}"
     return hashlib.sha256(ident.encode()).hexdigest()[:32]
 
 
@@ -63,7 +73,7 @@ def cached_tokenizer(source, convert):
     import transformers
     from transformers import AutoTokenizer
 
-    ident = f"{FORMAT}|tokenizer|{source.path}|{_fingerprint(source)}|{transformers.__version__}"
+    ident = f"{TOKENIZER_FORMAT}|tokenizer|{source.path}|{_fingerprint(source)}|{transformers.__version__}"
     folder = app_cache_folder() / "tokenizers" / hashlib.sha256(ident.encode()).hexdigest()[:32]
     record = folder.with_suffix(".json")
     try:
@@ -90,22 +100,26 @@ def cached_tokenizer(source, convert):
     return tokenizer
 
 
-def load_quantized(source, mode: str, *, dtype, cache_folder: Path | None, build, alongside=None, progress=None):
+def load_quantized(source, mode: str, *, dtype, cache_folder: Path | None, build, alongside=None, progress=None,
+                   prefetched: Prefetch | None = None):
     """(the quantized model, what `alongside()` returned). The model comes from the cache, or is built with
     `build()` (bf16 on CPU), quantized, stored and read back (so its weights sit on huge pages either way).
     `alongside` (loading the tokenizer, say) runs in this thread while a cache hit's weights stream in.
+    `prefetched` (see `prefetch`) is that read already under way; it is cancelled if it read another entry.
     `progress(text)` hears when the model has to be built (a first start: seconds to a minute)."""
     from model.quant import kernel, quantize_model
 
     kernel_name = kernel()
-    folder = Path(cache_folder) if cache_folder else app_cache_folder() / "quantized"
+    folder = _folder(cache_folder)
     key = cache_key(source, mode, dtype, kernel_name)
     weights, record = folder / f"{key}.bin", folder / f"{key}.json"
     meta = _record(record, key)
-    with ThreadPoolExecutor(1) as pool:  # file reads and hashing let go of the GIL
-        reading = pool.submit(_read_verified, weights, meta) if meta else None
-        extra = alongside() if alongside else None
-        model = _from_cache(meta, reading.result, dtype) if reading else None
+    if prefetched is not None and (prefetched.weights, prefetched.meta) != (weights, meta):
+        prefetched.cancel()
+        prefetched = None
+    reading = prefetched or (Prefetch(weights, meta) if meta else None)
+    extra = alongside() if alongside else None
+    model = _from_cache(meta, reading, dtype) if reading else None
     if model is not None:
         model.quant_cache = "hit"
         return model, extra
@@ -113,19 +127,71 @@ def load_quantized(source, mode: str, *, dtype, cache_folder: Path | None, build
         progress(f"Quantizing {Path(source.name).name} to {mode} (first start only)…")
     model = build()
     layout = quantize_model(model, mode, kernel_name)
+    about = {"source": _checkpoint(source), "fingerprint": _fingerprint(source), "mode": mode, "kernel": kernel_name,
+             "dtype": str(dtype)}
     try:
-        _store(model, layout, mode, kernel_name, key, weights, record)
+        _store(model, layout, about, key, weights, record)
+        _drop_stale(folder, about, key)
     except OSError as e:  # a full disk or a read-only cache: run from memory this time
         log.warning("could not store the quantized model in %s: %s", folder, e)
         model.quant_cache = "built"
         return model, extra
     del model
     meta = _record(record, key)
-    model = _from_cache(meta, lambda: _read_verified(weights, meta), dtype) if meta else None
+    model = _from_cache(meta, Prefetch(weights, meta), dtype) if meta else None
     if model is None:
         raise OSError(f"the quantized model just written to {weights} does not read back; is the disk failing?")
     model.quant_cache = "built"
     return model, extra
+
+
+def _folder(cache_folder) -> Path:
+    return Path(cache_folder) if cache_folder else app_cache_folder() / "quantized"
+
+
+def prefetch(source, mode: str, cache_folder=None) -> Prefetch | None:
+    """Start reading the entry `load_quantized` will most likely want before torch and transformers are
+    imported: ~3 s of single-threaded imports that the read (0.5-2 s for the 1B shape in int4 here,
+    mostly faulting in fresh memory) can overlap on another core. The guess is the newest entry of this
+    checkpoint in `mode` ("auto": int4); None when there is none. `load_quantized` uses the read only if
+    it is the entry its key names, with every chunk's CRC-32 matching the record."""
+    want = {"source": _checkpoint(source), "fingerprint": _fingerprint(source), "mode": "int4" if mode == "auto" else mode}
+    best = None
+    try:
+        records = list(_folder(cache_folder).glob("*.json"))
+    except OSError:
+        return None
+    for record in records:
+        try:
+            meta = json.loads(record.read_text())
+            if meta.get("format") == FORMAT and all(meta.get(k) == v for k, v in want.items()):
+                newest = record.stat().st_mtime
+                if best is None or newest > best[0]:
+                    best = (newest, record.with_suffix(".bin"), meta)
+        except (OSError, ValueError, AttributeError):
+            continue
+    return Prefetch(best[1], best[2]) if best else None
+
+
+class Prefetch:
+    """A cache entry's weights being read and verified on a thread of their own (`_read_verified`):
+    `result` is a Future of the huge-page buffer, or of None when the entry cannot be trusted."""
+
+    def __init__(self, weights: Path, meta: dict):
+        self.weights, self.meta = weights, meta
+        self.cancelled = threading.Event()
+        self.result: Future = Future()
+        threading.Thread(target=self._run, name="llama-chat-read-weights", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self.result.set_result(_read_verified(self.weights, self.meta, self.cancelled))
+        except BaseException as e:  # noqa: BLE001  (the loading thread re-raises it)
+            self.result.set_exception(e)
+
+    def cancel(self) -> None:
+        """Stop at the next chunk; the buffer is freed once nothing refers to it."""
+        self.cancelled.set()
 
 
 def _record(record: Path, key: str) -> dict | None:
@@ -144,7 +210,7 @@ def _state(model) -> dict:
     return state
 
 
-def _store(model, layout, mode, kernel_name, key, weights: Path, record: Path) -> None:
+def _store(model, layout, about: dict, key, weights: Path, record: Path) -> None:
     """Write the state dict: first what decoding streams every token (read into huge pages at load), then
     the input embedding (memory-mapped at load: a token lookup touches a few rows of its 0.5 GB)."""
     import torch
@@ -176,7 +242,7 @@ def _store(model, layout, mode, kernel_name, key, weights: Path, record: Path) -
         arena_bytes = offset if arena_bytes is None else arena_bytes
         digests = [r.crcs() for r in regions]
         meta = {
-            "format": FORMAT, "key": key, "mode": mode, "kernel": kernel_name, "created": time.time(),
+            "format": FORMAT, "key": key, **about, "created": time.time(),
             "layout": {name: list(spec) for name, spec in layout.items()},
             "config": model.config.to_dict(), "generation_config": model.generation_config.to_dict(),
             "tensors": table, "bytes": offset, "arena_bytes": arena_bytes, "crc32": digests,
@@ -187,6 +253,22 @@ def _store(model, layout, mode, kernel_name, key, weights: Path, record: Path) -
     tmp_record = record.with_suffix(f".tmp{os.getpid()}")
     tmp_record.write_text(json.dumps(meta))
     tmp_record.replace(record)
+
+
+def _drop_stale(folder: Path, about: dict, key: str) -> None:
+    """Delete the entries the one just stored replaces, ~0.7-1.8 GB each for a 1B model that nothing would
+    read again: those of an older format, and those of the same checkpoint, mode, kernel and activations
+    under another key (its files changed, or torch was upgraded)."""
+    same = ("source", "mode", "kernel", "dtype")
+    for record in folder.glob("*.json"):
+        try:
+            meta = json.loads(record.read_text())
+            stale = meta["format"] < FORMAT or (meta["key"] != key and all(meta.get(k) == about[k] for k in same))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if stale:
+            record.with_suffix(".bin").unlink(missing_ok=True)
+            record.unlink(missing_ok=True)
 
 
 class _ChunkCRC:
@@ -217,36 +299,50 @@ def _hash_chunks(view: memoryview) -> list[int]:
     return [zlib.crc32(view[i:i + CHUNK]) for i in range(0, len(view), CHUNK)]
 
 
-def _read_verified(weights: Path, meta: dict):
-    """(huge-page buffer holding the file's first `arena_bytes`, memory map of the whole file), or None
-    when the file is missing, or its size or any chunk's hash is off."""
-    import torch
+def _hugepage_view(nbytes: int) -> memoryview:
+    """`nbytes` of fresh memory, 2 MB aligned, that Linux is asked to back with 2 MB pages (transparent huge
+    pages): decoding streams every weight once per token, and with 4 KB pages TLB misses cost a third of
+    the speed (int4, 1B shape: 29 -> 44 GB/s). The pages are written once before the file is read into
+    them: faulting them in inside `readinto` made a warm start 1.1-1.4 s slower on this VM (whose host
+    takes back free memory, so each fresh page costs the host a fault too)."""
+    private = {"flags": mmap.MAP_PRIVATE} if hasattr(mmap, "MAP_PRIVATE") else {}  # shared memory gets no huge pages
+    mm = mmap.mmap(-1, nbytes + HUGE_PAGE, **private)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mm))
+    start = -base % HUGE_PAGE
+    try:
+        mm.madvise(mmap.MADV_HUGEPAGE, start, nbytes)
+    except (AttributeError, OSError):  # not Linux, or no transparent huge pages: ordinary pages
+        pass
+    ctypes.memset(base + start, 0, nbytes)  # lets go of the GIL
+    return memoryview(mm)[start:start + nbytes]
 
-    from model.qkernel import hugepage_buffer
 
+def _read_verified(weights: Path, meta: dict, cancelled: threading.Event) -> memoryview | None:
+    """The file's first `arena_bytes` in a huge-page buffer, once the CRC-32 of every chunk of the whole
+    file matches the record; None when the file is missing, its size or a chunk's hash is off, or the read
+    is cancelled. Needs no torch: it may run while torch is being imported (`prefetch`)."""
     try:
         size, arena_bytes = meta["bytes"], meta["arena_bytes"]
         if weights.stat().st_size != size:
             return None
-        buf = hugepage_buffer(arena_bytes)
-        view = memoryview(buf.numpy())
+        view = _hugepage_view(arena_bytes)
         with open(weights, "rb", buffering=0) as f:
             got = 0
             while got < arena_bytes:
-                n = f.readinto(view[got:got + CHUNK])
+                n = 0 if cancelled.is_set() else f.readinto(view[got:got + CHUNK])
                 if not n:
                     return None
                 got += n
             if [_hash_chunks(view), _hash_range(f, arena_bytes, size)] != meta["crc32"]:
                 return None
-        return buf, torch.from_file(str(weights), shared=False, size=size, dtype=torch.uint8)
-    except (OSError, KeyError, TypeError, ValueError, RuntimeError):
+        return view
+    except (OSError, KeyError, TypeError, ValueError):
         return None
 
 
-def _from_cache(meta: dict, weights, dtype):
-    """The cached model, or None when the entry cannot be trusted. `weights()` returns what
-    `_read_verified` does; it is called once the model's skeleton is built (the read may still be running)."""
+def _from_cache(meta: dict, reading: Prefetch, dtype):
+    """The cached model, or None when the entry cannot be trusted. The read's result is awaited once the
+    model's skeleton is built."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -258,10 +354,11 @@ def _from_cache(meta: dict, weights, dtype):
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         empty_quantized(model, {k: tuple(v) for k, v in meta["layout"].items()}, dtype, meta["kernel"])
-        buffers = weights()
-        if buffers is None:
+        view = reading.result.result()
+        if view is None:
             return None
-        arena, mapped = buffers
+        arena = torch.frombuffer(view, dtype=torch.uint8)
+        mapped = torch.from_file(str(reading.weights), shared=False, size=meta["bytes"], dtype=torch.uint8)
         state = {name: (arena if offset < meta["arena_bytes"] else mapped)[offset:offset + nbytes]
                  .view(getattr(torch, dt)).view(shape) for name, dt, shape, offset, nbytes in meta["tensors"]}
         inv_freq = state.pop(ROTARY_KEY, None)

@@ -4,7 +4,7 @@ in decode.cpp), built on first use.
 PyTorch's own weight-only kernels dequantize every weight to floating point, which kept a 1B model's
 int4 decoding well below what memory can deliver on a 2-core CPU (~21 GB/s of weights). This kernel
 quantizes the activations to int8 per block of 32 and multiplies with AVX512-VNNI, like llama.cpp; with
-the weights on 2 MB pages (see `hugepage_buffer`) it streams weights about as fast as the machine reads
+the weights on 2 MB pages (see `model.qcache._hugepage_view`) it streams weights about as fast as the machine reads
 memory (29-56 GB/s here, as the VM's bandwidth varied).
 
 The sources are compiled once per source version and compiler into the app's cache folder with the
@@ -21,7 +21,6 @@ import functools
 import hashlib
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import torch  # loaded first, so the kernel binds to torch's OpenMP runtime (one thread pool)
@@ -31,7 +30,6 @@ SOURCES = (KERNELS / "qlinear.cpp", KERNELS / "decode.cpp")  # with KERNELS / "q
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni")
 CFLAGS = ("-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC",
           "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mfma")
-HUGE_PAGE = 2 << 20
 
 
 class Unavailable(RuntimeError):
@@ -145,18 +143,3 @@ def qlinear(x, codes, scales, offsets, group: int, bits: int, out_features: int,
     if status != 0:
         raise ValueError(f"qlinear: unsupported shape (in {x2.shape[1]}, group {group}, bits {bits})")
     return y.reshape(*shape[:-1], out_features)
-
-
-def hugepage_buffer(nbytes: int):
-    """A uint8 tensor of `nbytes` whose pages the kernel asks to be 2 MB (Linux transparent huge pages).
-    Decoding streams every weight once per token; with 4 KB pages the TLB misses cost a third of the
-    speed (int4, 1B shape: 29 -> 44 GB/s). Elsewhere it is an ordinary tensor."""
-    buf = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
-    start = (-buf.data_ptr()) % HUGE_PAGE
-    if sys.platform.startswith("linux"):  # the advice number is Linux's
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.madvise(ctypes.c_void_p(buf.data_ptr() + start), ctypes.c_size_t(nbytes), 14)  # MADV_HUGEPAGE
-        except (OSError, AttributeError):
-            pass
-    return buf[start:start + nbytes]

@@ -18,7 +18,7 @@ from model.attention import use_grouped_attention
 from model.detok import TextStream
 from model.errors import ContextError
 from model.kvcache import PrefixCache, common_prefix, new_cache
-from model.loading import Loaded, load_checkpoint, resolve_source
+from model.loading import Loaded, load_checkpoint, paused_gc, resolve_source
 from model.prompt import encode_chat
 from model.sampling import Sampling, next_token
 
@@ -76,16 +76,25 @@ class Runner:
         """`quantize`: bf16 (none), int8, int4 or int4-fast (CPU; see model.quant), or auto (int4 on the
         CPU: model.device.pick_quantize). `compile`: decode with compiled steps once they are ready (see
         `compile_decoding`). `progress(text)` hears of slow steps (quantizing on a first start)."""
-        from model.device import configure_threads, pick_device, pick_dtype, pick_quantize
+        from model.qcache import prefetch
 
-        dev = pick_device(device)
-        configure_threads(dev, threads)
         source = resolve_source(src)
-        quantize = pick_quantize(quantize, dev, pick_dtype(dtype, dev))
-        if dtype == "auto" and source.kind == "gguf" and quantize == "bf16":
-            dtype = "float32"  # transformers' packed GGUF kernels compute in fp32
-        loaded = load_checkpoint(source, device=dev, dtype=pick_dtype(dtype, dev), quantize=quantize,
-                                 cache_folder=cache_folder, progress=progress)
+        # The quantized weights stream in from the cache while torch and transformers are imported.
+        ahead = prefetch(source, quantize, cache_folder) if quantize != "bf16" and device in ("auto", "cpu") else None
+        try:
+            with paused_gc():
+                from model.device import configure_threads, pick_device, pick_dtype, pick_quantize
+
+                dev = pick_device(device)
+                configure_threads(dev, threads)
+                quantize = pick_quantize(quantize, dev, pick_dtype(dtype, dev))
+                if dtype == "auto" and source.kind == "gguf" and quantize == "bf16":
+                    dtype = "float32"  # transformers' packed GGUF kernels compute in fp32
+                loaded = load_checkpoint(source, device=dev, dtype=pick_dtype(dtype, dev), quantize=quantize,
+                                         cache_folder=cache_folder, progress=progress, prefetched=ahead)
+        finally:
+            if ahead is not None:
+                ahead.cancel()  # unused (a GPU, another entry) or done: stop reading
         runner = cls(loaded, device=dev, context_window=context_window)
         runner.quantize = quantize
         if compile:

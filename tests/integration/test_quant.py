@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
+
+from model import qcache
 
 from model.loading import resolve_source
 from model.qkernel import available
@@ -87,9 +94,66 @@ def test_cache_build_reuse_and_rebuild_after_corruption(tiny_llama_dir, tmp_path
                        cache_folder=cache).model.quant_cache == "built"
 
 
-def test_each_mode_has_its_own_entry_and_a_changed_checkpoint_is_not_reused(tiny_llama_dir, tmp_path):
-    import shutil
+def test_a_warm_start_reads_the_entry_before_torch_is_imported_and_only_once(tiny_llama_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "q"
+    Runner.load(str(tiny_llama_dir), device="cpu", dtype="bfloat16", quantize="int4", cache_folder=cache)
+    [weights], [record] = cache.glob("*.bin"), cache.glob("*.json")
+    arena_bytes = json.loads(record.read_text())["arena_bytes"]
+    code = ("import sys; from model.loading import resolve_source; from model.qcache import prefetch\n"
+            f"p = prefetch(resolve_source({str(tiny_llama_dir)!r}), 'auto', {str(cache)!r})\n"
+            "view = p.result.result(timeout=120)\n"
+            "print(p.weights.name, len(view), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, check=False)
+    assert out.stdout.split() == [weights.name, str(arena_bytes), "False"], out.stderr  # read and verified, no torch
 
+    reads, ahead = [], []
+    real_read, real_prefetch = qcache._read_verified, qcache.prefetch
+    monkeypatch.setattr(qcache, "_read_verified", lambda *a: reads.append(a[0]) or real_read(*a))
+    monkeypatch.setattr(qcache, "prefetch", lambda *a: ahead.append(real_prefetch(*a)) or ahead[-1])
+    warm = Runner.load(str(tiny_llama_dir), device="cpu", dtype="bfloat16", quantize="auto", cache_folder=cache)
+    assert warm.model.quant_cache == "hit" and ahead[0].weights == weights
+    assert reads == [weights]  # the load used the prefetched read: no second one
+    assert qcache.prefetch(resolve_source(tiny_llama_dir), "int8", cache) is None  # no such entry yet
+
+    meta = json.loads(record.read_text())
+    wrong = qcache.Prefetch(weights, {**meta, "crc32": [[1], [2]]})  # another record's read: cancelled, not used
+    model, _ = qcache.load_quantized(resolve_source(tiny_llama_dir), "int4", dtype=torch.bfloat16, cache_folder=cache,
+                                     build=None, prefetched=wrong)
+    assert model.quant_cache == "hit" and wrong.cancelled.is_set() and wrong.result.result() is None
+    stop = qcache.threading.Event()
+    stop.set()
+    assert qcache._read_verified(weights, meta, stop) is None  # a cancelled read gives nothing
+
+
+def test_a_new_entry_replaces_the_stale_ones(tiny_llama_dir, tmp_path):
+    copy, cache = tmp_path / "copy", tmp_path / "q"
+    shutil.copytree(tiny_llama_dir, copy)
+
+    def entries():
+        return {json.loads(r.read_text())["mode"]: r.stem for r in cache.glob("*.json")}
+
+    for mode in ("int4", "int8"):
+        Runner.load(str(copy), device="cpu", dtype="bfloat16", quantize=mode, cache_folder=cache)
+    before = entries()
+    old = cache / ("0" * 32)
+    old.with_suffix(".json").write_text(json.dumps({"format": 3, "key": "0" * 32, "mode": "int4"}))
+    old.with_suffix(".bin").write_bytes(b"an entry of an older release")
+    (copy / "config.json").write_text((copy / "config.json").read_text() + "\n")  # the checkpoint changed
+    Runner.load(str(copy), device="cpu", dtype="bfloat16", quantize="int4", cache_folder=cache)
+    after = entries()
+    assert after["int8"] == before["int8"] and after["int4"] != before["int4"]  # only what it replaces goes
+    assert sorted(p.name for p in cache.iterdir()) == sorted(f"{k}{s}" for k in after.values() for s in (".bin", ".json"))
+
+
+def test_weights_buffer_is_aligned_for_huge_pages_and_writable():
+    view = qcache._hugepage_view(3 << 20)
+    t = torch.frombuffer(view, dtype=torch.uint8)
+    assert t.numel() == 3 << 20 and t.data_ptr() % (2 << 20) == 0 and int(t.sum()) == 0
+    t.fill_(7)
+    assert int(t.sum()) == 7 * (3 << 20)
+
+
+def test_each_mode_has_its_own_entry_and_a_changed_checkpoint_is_not_reused(tiny_llama_dir, tmp_path):
     from model.qcache import cache_key
 
     src = resolve_source(tiny_llama_dir)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from model.qkernel import available, hugepage_buffer
+from model.qkernel import available
 from model.quant import QLinear
 
 
@@ -70,10 +70,3 @@ def test_compiled_calls_the_same_kernel():
     x = torch.randn(1, 1, 128, dtype=torch.bfloat16)
     compiled = torch.compile(lambda t: q(t) * 2, fullgraph=True)
     torch.testing.assert_close(compiled(x), q(x) * 2, rtol=0, atol=0)
-
-
-def test_hugepage_buffer_is_aligned_and_writable():
-    buf = hugepage_buffer(3 << 20)
-    assert buf.numel() == 3 << 20 and buf.data_ptr() % (2 << 20) == 0
-    buf.fill_(7)
-    assert int(buf.sum()) == 7 * (3 << 20)
