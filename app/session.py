@@ -97,18 +97,27 @@ class Engine:
              interactive: bool = False) -> "Engine":
         """Load both models; a guard that cannot load stops everything (fail closed). `interactive`:
         a chat that lasts, where compiling decode steps in the background pays off (model.compile auto)."""
-        from model.runner import Runner
+        from model.runner import Runner, prefetch_weights
 
         say = progress or (lambda msg: None)
-        guard = None
-        if use_guard:
-            say(f"Loading Llama Guard ({config.guard.source})…")
-            guard = load_guard(config)
-        say(f"Loading {config.model.source}…")
-        # Quantized weights and compiled code go to the app's cache folder (model.qcache.app_cache_folder).
-        runner = Runner.load(config.model.source, device=config.model.device, dtype=config.model.dtype,
-                             context_window=config.model.context or None, quantize=config.model.quantize,
-                             compile=wants_compile(config, interactive), progress=say)
+        m = config.model
+        try:  # the chat model's cached weights stream in while the guard loads
+            ahead = prefetch_weights(m.source, device=m.device, quantize=m.quantize)
+        except LlamaChatError:
+            ahead = None  # Runner.load reports it, after the guard
+        try:
+            guard = None
+            if use_guard:
+                say(f"Loading Llama Guard ({config.guard.source})…")
+                guard = load_guard(config)
+            say(f"Loading {m.source}…")
+            # Quantized weights and compiled code go to the app's cache folder (model.qcache.app_cache_folder).
+            runner = Runner.load(m.source, device=m.device, dtype=m.dtype, context_window=m.context or None,
+                                 quantize=m.quantize, compile=wants_compile(config, interactive), progress=say,
+                                 prefetched=ahead)
+        finally:
+            if ahead is not None:
+                ahead.cancel()  # the guard failed, or the read is done
         return cls(runner, guard, runner.source.name, demo)
 
 

@@ -18,7 +18,7 @@ from model.attention import use_grouped_attention
 from model.detok import TextStream
 from model.errors import ContextError
 from model.kvcache import PrefixCache, common_prefix, new_cache
-from model.loading import Loaded, load_checkpoint, paused_gc, resolve_source
+from model.loading import Loaded, Source, load_checkpoint, paused_gc, resolve_source
 from model.prompt import encode_chat
 from model.sampling import Sampling, next_token
 
@@ -41,6 +41,15 @@ class TurnStats:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def prefetch_weights(src, *, device: str = "auto", quantize: str = "bf16", cache_folder=None):
+    """Start reading the cached quantized weights `Runner.load(src, ...)` will want (model.qcache.prefetch),
+    or None (nothing cached, not a CPU mode). Needs no torch."""
+    from model.qcache import prefetch
+
+    source = src if isinstance(src, Source) else resolve_source(src)
+    return prefetch(source, quantize, cache_folder) if quantize != "bf16" and device in ("auto", "cpu") else None
 
 
 class Runner:
@@ -72,15 +81,14 @@ class Runner:
     @classmethod
     def load(cls, src, *, device: str = "auto", dtype: str = "auto", threads: int | None = None,
              context_window: int | None = None, quantize: str = "bf16", cache_folder=None,
-             compile: bool = False, progress=None) -> "Runner":
+             compile: bool = False, progress=None, prefetched=None) -> "Runner":
         """`quantize`: bf16 (none), int8, int4 or int4-fast (CPU; see model.quant), or auto (int4 on the
         CPU: model.device.pick_quantize). `compile`: decode with compiled steps once they are ready (see
-        `compile_decoding`). `progress(text)` hears of slow steps (quantizing on a first start)."""
-        from model.qcache import prefetch
-
+        `compile_decoding`). `progress(text)` hears of slow steps (quantizing on a first start).
+        `prefetched`: what `prefetch_weights` returned for the same arguments, started earlier."""
         source = resolve_source(src)
         # The quantized weights stream in from the cache while torch and transformers are imported.
-        ahead = prefetch(source, quantize, cache_folder) if quantize != "bf16" and device in ("auto", "cpu") else None
+        ahead = prefetched or prefetch_weights(source, device=device, quantize=quantize, cache_folder=cache_folder)
         try:
             with paused_gc():
                 from model.device import configure_threads, pick_device, pick_dtype, pick_quantize

@@ -129,3 +129,25 @@ def test_system_prompt_switch_and_reopen(tmp_path, tiny_runner):
     list(s.send("Again."))
     assert tiny_runner.tokenizer.decode(tiny_runner._kv.ids).count("You are a pirate.") == 1
     assert isinstance(next(iter(s.send("x"))), UserStored)
+
+
+def test_engine_reads_the_chat_models_cached_weights_while_the_guard_loads(tmp_path, monkeypatch, tiny_llama_dir,
+                                                                            tiny_guard_dir):
+    from guard.classifier import Guard
+    from model import qcache
+
+    monkeypatch.setenv("LLAMA_CHAT_HOME", str(tmp_path / "home"))
+    config = Config()
+    config.model.source, config.model.device, config.model.dtype = str(tiny_llama_dir), "cpu", "bfloat16"
+    config.model.quantize, config.model.compile = "int4", "off"
+    config.guard.source = str(tiny_guard_dir)
+    assert Engine.load(config, use_guard=False).runner.model.quant_cache == "built"  # a first start
+
+    events = []
+    real_prefetch, real_read, real_guard = qcache.prefetch, qcache._read_verified, Guard.load.__func__
+    monkeypatch.setattr(qcache, "prefetch", lambda *a: events.append("prefetch") or real_prefetch(*a))
+    monkeypatch.setattr(qcache, "_read_verified", lambda *a: events.append("read") or real_read(*a))
+    monkeypatch.setattr(Guard, "load", classmethod(lambda cls, *a, **k: events.append("guard") or real_guard(cls, *a, **k)))
+    engine = Engine.load(config, use_guard=True)
+    assert engine.runner.model.quant_cache == "hit" and engine.guard is not None
+    assert events.index("prefetch") < events.index("guard") and events.count("read") == 1  # one read, started first
