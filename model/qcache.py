@@ -156,21 +156,10 @@ def prefetch(source, mode: str, cache_folder=None) -> Prefetch | None:
     checkpoint in `mode` ("auto": int4); None when there is none. `load_quantized` uses the read only if
     it is the entry its key names, with every chunk's CRC-32 matching the record."""
     want = {"source": _checkpoint(source), "fingerprint": _fingerprint(source), "mode": "int4" if mode == "auto" else mode}
-    best = None
-    try:
-        records = list(_folder(cache_folder).glob("*.json"))
-    except OSError:
-        return None
-    for record in records:
-        try:
-            meta = json.loads(record.read_text())
-            if meta.get("format") == FORMAT and all(meta.get(k) == v for k, v in want.items()):
-                newest = record.stat().st_mtime
-                if best is None or newest > best[0]:
-                    best = (newest, record.with_suffix(".bin"), meta)
-        except (OSError, ValueError, AttributeError):
-            continue
-    return Prefetch(best[1], best[2]) if best else None
+    found = [(mtime, record, meta) for record, meta, mtime in _records(_folder(cache_folder))
+             if meta.get("format") == FORMAT and all(meta.get(k) == v for k, v in want.items())]
+    best = max(found, key=lambda f: f[0], default=None)
+    return Prefetch(best[1].with_suffix(".bin"), best[2]) if best else None
 
 
 class Prefetch:
@@ -260,15 +249,26 @@ def _drop_stale(folder: Path, about: dict, key: str) -> None:
     read again: those of an older format, and those of the same checkpoint, mode, kernel and activations
     under another key (its files changed, or torch was upgraded)."""
     same = ("source", "mode", "kernel", "dtype")
-    for record in folder.glob("*.json"):
-        try:
-            meta = json.loads(record.read_text())
-            stale = meta["format"] < FORMAT or (meta["key"] != key and all(meta.get(k) == about[k] for k in same))
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if stale:
+    for record, meta, _ in _records(folder):
+        old = isinstance(meta.get("format"), int) and meta["format"] < FORMAT
+        if old or (meta.get("key") != key and all(meta.get(k) == about[k] for k in same)):
             record.with_suffix(".bin").unlink(missing_ok=True)
             record.unlink(missing_ok=True)
+
+
+def _records(folder: Path):
+    """(path, contents, mtime) of each readable cache record in `folder`."""
+    try:
+        paths = list(folder.glob("*.json"))
+    except OSError:
+        return
+    for path in paths:
+        try:
+            meta, mtime = json.loads(path.read_text()), path.stat().st_mtime
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict):
+            yield path, meta, mtime
 
 
 class _ChunkCRC:
