@@ -28,7 +28,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-FORMAT = 4  # 4: records name their checkpoint (prefetch, dropping stale entries)
+FORMAT = 5  # 4: records name their checkpoint (prefetch, dropping stale entries); 5: one weight buffer per QLinear
 TOKENIZER_FORMAT = 3
 CHUNK = 64 << 20
 ALIGN = 64

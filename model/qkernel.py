@@ -97,14 +97,13 @@ def _build_and_load():
         raise Unavailable(f"cannot build or load {lib}: {e}") from e
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     fn.restype = step.restype = ctypes.c_int
-    fn.argtypes = [ptr, c_int, i64, i64, ptr, c_int, ptr, ptr, i64, i64, ptr, c_int, c_int]
+    fn.argtypes = [ptr, c_int, i64, i64, ptr, c_int, i64, i64, ptr, c_int, c_int]
     step.argtypes = [ptr, ctypes.POINTER(DecodeLayer), ctypes.POINTER(DecodeShape), ptr, ptr, c_int]
     return found
 
 
 class QMat(ctypes.Structure):  # the kernels' structs (qlinear.h, decode.cpp), field for field
-    _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("offsets", ctypes.c_void_p),
-                ("group", ctypes.c_int64), ("bits", ctypes.c_int64), ("n", ctypes.c_int64)]
+    _fields_ = [("data", ctypes.c_void_p), ("group", ctypes.c_int64), ("bits", ctypes.c_int64), ("n", ctypes.c_int64)]
 
 
 class DecodeLayer(ctypes.Structure):
@@ -128,7 +127,7 @@ def available() -> str | None:
     return None
 
 
-def qlinear(x, codes, scales, offsets, group: int, bits: int, out_features: int, float_out: bool = False):
+def qlinear(x, weights, group: int, bits: int, out_features: int, float_out: bool = False):
     """x @ W.T for W packed by `model.quant.pack_tiles`; x is fp32 or bf16, the result has its dtype, or
     fp32 with `float_out`."""
     shape = x.shape
@@ -138,8 +137,8 @@ def qlinear(x, codes, scales, offsets, group: int, bits: int, out_features: int,
     x2 = x2.contiguous()
     y = torch.empty(x2.shape[0], out_features, dtype=torch.float32 if float_out else x2.dtype)
     status = load().lc_qlinear(x2.data_ptr(), int(x2.dtype == torch.bfloat16), x2.shape[0], x2.shape[1],
-                               codes.data_ptr(), bits, scales.data_ptr(), offsets.data_ptr(), group, out_features,
-                               y.data_ptr(), int(y.dtype == torch.bfloat16), torch.get_num_threads())
+                               weights.data_ptr(), bits, group, out_features, y.data_ptr(),
+                               int(y.dtype == torch.bfloat16), torch.get_num_threads())
     if status != 0:
         raise ValueError(f"qlinear: unsupported shape (in {x2.shape[1]}, group {group}, bits {bits})")
     return y.reshape(*shape[:-1], out_features)

@@ -36,7 +36,8 @@ def kernel() -> str:
 
 class QLinear(nn.Module):
     """int8 or int4 weights for model.qkernel: w = scale * code + offset per group of `group` inputs
-    (int8: one group per row, codes q + 128), output rows padded to tiles of 16 (layout: qlinear.cpp).
+    (int8: one group per row, codes q + 128), output rows padded to tiles of 16, codes, scales and offsets
+    in one buffer, `packed` (layout: qlinear.cpp; `pack_tiles`).
     `float_out`: results in fp32 whatever the input (the output layer: logits are argmaxed or sampled in
     fp32, and a bf16 argmax over 128k logits cost 0.46 ms a token here, fp32 0.14)."""
 
@@ -46,10 +47,8 @@ class QLinear(nn.Module):
         _register_compilable_op()
         self.in_features, self.out_features, self.bits, self.group = in_features, out_features, bits, group
         self.float_out = float_out
-        rows = -(-out_features // 16) * 16
-        self.register_buffer("codes", torch.empty(rows, in_features * bits // 8, dtype=torch.uint8, device=device))
-        self.register_buffer("scales", torch.empty(rows, in_features // group, dtype=torch.bfloat16, device=device))
-        self.register_buffer("offsets", torch.empty(rows, in_features // group, dtype=torch.bfloat16, device=device))
+        rows, row_bytes = -(-out_features // 16) * 16, in_features * bits // 8 + 4 * (in_features // group)
+        self.register_buffer("packed", torch.empty(rows, row_bytes, dtype=torch.uint8, device=device))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int, group: int, float_out: bool = False) -> "QLinear":
@@ -59,13 +58,12 @@ class QLinear(nn.Module):
         # once took 5.8 s for the 1B shape's output layer here, and most of a first start.
         for r0 in range(0, n, ROWS_AT_ONCE):
             w = linear.weight[r0:r0 + ROWS_AT_ONCE].detach().float()
-            codes, s, o = pack_tiles(*_quantize_rows(w.reshape(len(w), k // group, group), bits), bits)
-            for buf, part in ((out.codes, codes), (out.scales, s), (out.offsets, o)):
-                buf[r0:r0 + len(part)].copy_(part)
+            part = pack_tiles(*_quantize_rows(w.reshape(len(w), k // group, group), bits), bits)
+            out.packed[r0:r0 + len(part)].copy_(part)
         return out
 
     def forward(self, x):
-        args = (x, self.codes, self.scales, self.offsets, self.group, self.bits, self.out_features, self.float_out)
+        args = (x, self.packed, self.group, self.bits, self.out_features, self.float_out)
         if torch.compiler.is_compiling():
             return torch.ops.llama_chat.qlinear(*args)
         return qlinear(*args)
@@ -90,19 +88,22 @@ def _quantize_rows(w, bits: int):
 
 
 def pack_tiles(q, scales, offsets, bits: int):
-    """Codes q [N, K] (unsigned) and per-group scales/offsets [N, K/G] in qlinear.cpp's layout: rows padded
-    to tiles of 16; per tile and block of 32 inputs, 8 vectors of (row, 4 inputs) bytes (4 bit: two inputs
-    16 apart share a byte); scales and offsets as [tile][group][16] in bf16."""
+    """Codes q [N, K] (unsigned) and per-group scales/offsets [N, K/G] in qlinear.cpp's layout, as uint8
+    [N padded to 16, K * bits / 8 + 4 * K/G]: per tile of 16 rows and group, the group's blocks of 32
+    inputs as 8 vectors of (row, 4 inputs) bytes (4 bit: two inputs 16 apart share a byte), then one
+    32-bit word per row, bf16 scale | bf16 offset << 16."""
     n, k = q.shape
-    pad = -n % 16
+    pad, groups = -n % 16, scales.shape[1]
     if pad:
         q, scales, offsets = (torch.cat([t, t.new_zeros(pad, t.shape[1])]) for t in (q, scales, offsets))
     tiles = (n + pad) // 16
     codes = q.to(torch.uint8).reshape(tiles, 16, k // 32, 8, 4).permute(0, 2, 3, 1, 4)  # tile, block, quad, row, i
     if bits == 4:
         codes = codes[:, :, :4] | (codes[:, :, 4:] << 4)
-    by_group = lambda t: t.reshape(tiles, 16, -1).transpose(1, 2).contiguous().reshape(n + pad, -1)
-    return codes.contiguous().reshape(n + pad, -1), by_group(scales.bfloat16()), by_group(offsets.bfloat16())
+    words = torch.stack([scales.bfloat16(), offsets.bfloat16()], dim=-1).view(torch.uint8)  # [rows, groups, 4]
+    words = words.reshape(tiles, 16, groups, 4).transpose(1, 2).reshape(tiles, groups, 64)
+    packed = torch.cat([codes.reshape(tiles, groups, -1), words], dim=2)  # little-endian: scale in the low half
+    return packed.reshape(n + pad, -1)
 
 
 @functools.cache
@@ -110,13 +111,13 @@ def _register_compilable_op() -> None:
     """`torch.ops.llama_chat.qlinear`: the kernel as an op torch.compile calls as it is."""
 
     @torch.library.custom_op("llama_chat::qlinear", mutates_args=(),
-                             schema="(Tensor x, Tensor codes, Tensor scales, Tensor offsets, int group, int bits, "
-                                    "int out_features, bool float_out) -> Tensor")
-    def op(x, codes, scales, offsets, group, bits, out_features, float_out):
-        return qlinear(x, codes, scales, offsets, group, bits, out_features, float_out)
+                             schema="(Tensor x, Tensor packed, int group, int bits, int out_features, "
+                                    "bool float_out) -> Tensor")
+    def op(x, packed, group, bits, out_features, float_out):
+        return qlinear(x, packed, group, bits, out_features, float_out)
 
     @op.register_fake
-    def _(x, codes, scales, offsets, group, bits, out_features, float_out):
+    def _(x, packed, group, bits, out_features, float_out):
         dtype = x.dtype if x.dtype == torch.bfloat16 and not float_out else torch.float32
         return x.new_empty((*x.shape[:-1], out_features), dtype=dtype)
 

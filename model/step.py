@@ -94,9 +94,7 @@ class NativeStep(LlamaStep):
             for name, linear in (("q", attn.q_proj), ("k", attn.k_proj), ("v", attn.v_proj), ("o", attn.o_proj),
                                  ("gate", mlp.gate_proj), ("up", mlp.up_proj), ("down", mlp.down_proj)):
                 m = getattr(spec, name)
-                m.codes, m.scales, m.offsets = (linear.codes.data_ptr(), linear.scales.data_ptr(),
-                                                linear.offsets.data_ptr())
-                m.group, m.bits, m.n = linear.group, linear.bits, linear.out_features
+                m.data, m.group, m.bits, m.n = linear.packed.data_ptr(), linear.group, linear.bits, linear.out_features
 
     @staticmethod
     def supports(model) -> bool:

@@ -36,11 +36,10 @@ T* scratch(std::vector<T>& v, size_t n) {
   return v.data();
 }
 
-// One quantized weight matrix in qlinear.cpp's layout: n output rows (padded to tiles of 16).
+// One quantized weight matrix in qlinear.cpp's layout (codes, scales and offsets in one buffer): n output
+// rows, padded to tiles of 16.
 struct QMat {
-  const uint8_t* codes;
-  const uint16_t* scales;
-  const uint16_t* offsets;
+  const uint8_t* data;
   int64_t group, bits, n;
 };
 

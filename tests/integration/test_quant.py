@@ -73,9 +73,9 @@ def test_cache_build_reuse_and_rebuild_after_corruption(tiny_llama_dir, tmp_path
                          progress=said.append)
     assert second.model.quant_cache == "hit" and len(said) == 1
     if kernel() == "vnni":  # every weight in one buffer, on 2 MB page boundaries (huge pages where allowed)
-        bases = {m.codes.untyped_storage().data_ptr() for m in second.model.modules() if isinstance(m, QLinear)}
+        bases = {m.packed.untyped_storage().data_ptr() for m in second.model.modules() if isinstance(m, QLinear)}
         assert len(bases) == 1
-        assert second.model.model.layers[0].mlp.up_proj.codes.data_ptr() % 64 == 0
+        assert second.model.model.layers[0].mlp.up_proj.packed.data_ptr() % 64 == 0
     torch.testing.assert_close(logits(first.model, ids), logits(second.model, ids))
     s = Sampling(temperature=0, max_new_tokens=8)
     msgs = [{"role": "user", "content": "Hello"}]

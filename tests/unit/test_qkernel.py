@@ -18,14 +18,15 @@ def _kernel():
 
 def dequantized(q: QLinear) -> torch.Tensor:
     """The weights `q` multiplies by, [out, in] in fp32, unpacked from the tiled layout."""
-    rows, k = q.codes.shape[0], q.in_features
-    codes = q.codes.reshape(rows // 16, k // 32, -1, 16, 4)  # tile, block, vector, row, input
+    rows, k, groups = q.packed.shape[0], q.in_features, q.in_features // q.group
+    by_group = q.packed.reshape(rows // 16, groups, -1)  # tile, group: codes, then a word per row
+    codes = by_group[:, :, :-64].reshape(rows // 16, k // 32, -1, 16, 4)  # tile, block, vector, row, input
     if q.bits == 4:
         codes = torch.cat([codes & 0x0F, codes >> 4], dim=2)
     codes = codes.permute(0, 3, 1, 2, 4).reshape(rows, k).float()
-    by_row = lambda t: t.float().reshape(rows // 16, -1, 16).transpose(1, 2).reshape(rows, -1)
-    scales = by_row(q.scales).repeat_interleave(q.group, dim=1)
-    offsets = by_row(q.offsets).repeat_interleave(q.group, dim=1)
+    words = by_group[:, :, -64:].reshape(rows // 16, groups, 16, 2, 2).permute(0, 2, 1, 3, 4)  # tile, row, group
+    scales, offsets = (words[..., i, :].contiguous().view(torch.bfloat16).float().reshape(rows, groups)
+                       .repeat_interleave(q.group, dim=1) for i in (0, 1))
     return (codes * scales + offsets)[: q.out_features]
 
 
