@@ -21,7 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import LLAMA_1B, QUICK, emit, env_note, llama_tokenizer_dir, random_llama, threads
+from bench.common import (LLAMA_1B, QUICK, emit, env_note, llama_tokenizer_dir, memory_read_gb_s, random_llama,
+                          threads)
 
 LONG_PROMPT = ("Summarise the following notes in one paragraph. " + "The river bends twice before it reaches the "
                "town, and fishermen leave at dawn when the water is still. " * 48)
@@ -128,8 +129,12 @@ def main(args) -> int:
         os.sync()
         warm = sorted(_run_model(folder, home, args.quantize, "Hi", 1)["first_token_s"] for _ in range(3))
         emit({"phase": "warm", "first_token_s": [round(t, 2) for t in warm]})
+        # Decoding streams every weight once per token, so its speed follows the VM's memory bandwidth,
+        # which changes from minute to minute here: measured just before each decoding run.
+        bandwidth = {"short": memory_read_gb_s()}
         short = _run_model(folder, home, args.quantize, "Tell me a story about the sea.", new_tokens)
         emit({"phase": "short", **short["stats"]})
+        bandwidth["1k"] = memory_read_gb_s()
         long = _run_model(folder, home, args.quantize, LONG_PROMPT, new_tokens)
         emit({"phase": "1k", **long["stats"]})
         compiled = compiled_decode(folder, home, args.quantize, new_tokens)
@@ -141,6 +146,7 @@ def main(args) -> int:
             "activations": str(dtype).replace("torch.", ""), "threads": threads(),
             "decode_tok_s": round(short["stats"]["decode_tok_s"], 2),
             "decode_tok_s_1k": round(long["stats"]["decode_tok_s"], 2), "context_1k_tokens": long["stats"]["prompt_tokens"],
+            "memory_read_gb_s_before_decode": bandwidth,
             "first_token_cold_s": round(cold["first_token_s"], 2), "first_token_warm_s": round(warm[1], 2),
             "peak_rss_mb": round(short["peak_rss_mb"], 1),
             "compiled_decode_tok_s": compiled["compiled_short"], "compiled_decode_tok_s_1k": compiled["compiled_1k"],
