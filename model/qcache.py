@@ -49,6 +49,11 @@ def _checkpoint(source) -> str:
     return f"{source.kind}|{source.path}"
 
 
+def _about(source, mode: str) -> dict:
+    """What a cache record says of its entry's checkpoint and mode (prefetch and `_drop_stale` match on it)."""
+    return {"source": _checkpoint(source), "fingerprint": _fingerprint(source), "mode": mode}
+
+
 def cache_key(source, mode: str, dtype, kernel: str = "torch") -> str:
     import torch
 
@@ -127,8 +132,7 @@ def load_quantized(source, mode: str, *, dtype, cache_folder: Path | None, build
         progress(f"Quantizing {Path(source.name).name} to {mode} (first start only)…")
     model = build()
     layout = quantize_model(model, mode, kernel_name)
-    about = {"source": _checkpoint(source), "fingerprint": _fingerprint(source), "mode": mode, "kernel": kernel_name,
-             "dtype": str(dtype)}
+    about = {**_about(source, mode), "kernel": kernel_name, "dtype": str(dtype)}
     try:
         _store(model, layout, about, key, weights, record)
         _drop_stale(folder, about, key)
@@ -155,7 +159,7 @@ def prefetch(source, mode: str, cache_folder=None) -> Prefetch | None:
     mostly faulting in fresh memory) can overlap on another core. The guess is the newest entry of this
     checkpoint in `mode` ("auto": int4); None when there is none. `load_quantized` uses the read only if
     it is the entry its key names, with every chunk's CRC-32 matching the record."""
-    want = {"source": _checkpoint(source), "fingerprint": _fingerprint(source), "mode": "int4" if mode == "auto" else mode}
+    want = _about(source, "int4" if mode == "auto" else mode)
     found = [(mtime, record, meta) for record, meta, mtime in _records(_folder(cache_folder))
              if meta.get("format") == FORMAT and all(meta.get(k) == v for k, v in want.items())]
     best = max(found, key=lambda f: f[0], default=None)

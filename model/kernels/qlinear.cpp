@@ -83,7 +83,9 @@ inline __m512i block_dot(const __m512i w[8], const int8_t* xq) {
   return _mm512_add_epi32(_mm512_add_epi32(i0, i1), BITS == 4 ? _mm512_srai_epi32(high, 4) : high);
 }
 
-constexpr int64_t tile_bytes(int64_t K, int64_t G, int64_t bits) { return 16 * K * bits / 8 + 64 * (K / G); }
+// A tile's group: its blocks' codes, then a 32-bit word (scale | offset << 16) for each of the 16 rows.
+constexpr int64_t group_bytes(int64_t G, int64_t bits) { return 16 * G * bits / 8 + 64; }
+constexpr int64_t tile_bytes(int64_t K, int64_t G, int64_t bits) { return K / G * group_bytes(G, bits); }
 
 // One tile of 16 weight rows against NR activation rows: out[r][i] = y of activation row r, weight row i.
 template <int BITS, int NR>
@@ -93,7 +95,7 @@ inline void tile_dot(const uint8_t* tile, int64_t K, int64_t G, const Act* acts,
   __m512 acc[NR];
   for (int r = 0; r < NR; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    const uint8_t* group = tile + g * (bpg * block_bytes + 64);
+    const uint8_t* group = tile + g * group_bytes(G, BITS);
     __m512 part[NR];  // this group's sum, before the weight scale
     for (int r = 0; r < NR; ++r) part[r] = _mm512_setzero_ps();
     for (int64_t j = 0; j < bpg; ++j) {
