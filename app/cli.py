@@ -34,9 +34,12 @@ def _model_options(p: argparse.ArgumentParser, *, defaults: bool = True) -> None
                    **kw)
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps", **kw)
     p.add_argument("--dtype", help="auto, bfloat16, float16 or float32", **kw)
+    p.add_argument("--guard-precision", choices=("auto", "bf16", "int8"),
+                   help="how Llama Guard computes: auto (int8 where the native kernel runs and it passes its probe "
+                        "check), bf16 (unquantized) or int8", **kw)
     p.add_argument("--quantize", choices=QUANTIZE_MODES,
                    help="CPU weight mode for the chat model: auto (int4 where fast), bf16, int8, int4 or int4-fast "
-                        "(the guard stays bf16)", **kw)
+                        "(the guard: --guard-precision)", **kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +94,7 @@ def _overrides(args) -> dict:
         "model.dtype": getattr(args, "dtype", None),
         "model.quantize": getattr(args, "quantize", None),
         "guard.source": getattr(args, "guard_model", None),
+        "guard.precision": getattr(args, "guard_precision", None),
         "generation.temperature": getattr(args, "temperature", None),
         "generation.max_new_tokens": getattr(args, "max_new_tokens", None),
         "generation.seed": getattr(args, "seed", None),

@@ -78,6 +78,8 @@ class GuardSettingsConfig:
     mode: str = _f("strict", "strict: show only checked text; fast: show at once and retract if unsafe", _one_of("strict", "fast"))
     check_every: int = _f(64, "tokens between checks of a streaming reply (sooner at a sentence end, after half as many)", _at_least(1))
     token_budget: int = _f(2048, "conversation tokens the guard reads per check", _at_least(64))
+    precision: str = _f("auto", "auto (int8 on a CPU where the native kernel runs and the int8 guard passes its probe "
+                        "check, else unquantized), bf16 (unquantized) or int8", _one_of("auto", "bf16", "int8"))
 
 
 @dataclass
@@ -195,8 +197,9 @@ def load_config(path: Path | None = None, *, env: typing.Mapping[str, str] | Non
                 apply_setting(config, section, key, value, where=str(path))
     env = os.environ if env is None else env
     for name, value in env.items():
-        if name.startswith("LLAMA_CHAT_") and name != "LLAMA_CHAT_HOME":
-            section, _, key = name[len("LLAMA_CHAT_"):].lower().partition("_")
+        # LLAMA_CHAT_<SECTION>_<KEY>; other LLAMA_CHAT_ names (HOME, DEBUG, KERNEL) belong to others
+        section, _, key = name[len("LLAMA_CHAT_"):].lower().partition("_")
+        if name.startswith("LLAMA_CHAT_") and section in SECTIONS:
             apply_setting(config, section, key, value, where=f"environment variable {name}", from_text=True)
     for dotted, value in (overrides or {}).items():
         if value is not None:

@@ -22,10 +22,11 @@ def report(config) -> str:
 
     from app.paths import cache_dir, config_file, data_dir, database_file
     from model.compiled import can_compile
-    from model.device import cpu_has_native_bf16, physical_cores, pick_device, pick_dtype, pick_quantize
+    from model.device import cpu_has_native_bf16, physical_cores, pick_device, pick_dtype, quantize_note
 
     device = pick_device(config.model.device)
     dtype = pick_dtype(config.model.dtype, device)
+    weights, note = quantize_note(config.model.quantize, device, dtype)
     lines = [
         f"python        {platform.python_version()} on {platform.system()} {platform.machine()}",
         f"torch         {torch.__version__}   transformers {transformers.__version__}",
@@ -33,14 +34,14 @@ def report(config) -> str:
         f"dtype         {str(dtype).replace('torch.', '')} "
         f"(asked: {config.model.dtype}; native CPU bf16: {'yes' if cpu_has_native_bf16() else 'no'})",
         f"cpu threads   {physical_cores()} physical cores",
-        f"weights       {pick_quantize(config.model.quantize, device, dtype)} (asked: {config.model.quantize}); "
-        f"compiled decoding {config.model.compile}: "
-        f"{can_compile() or 'available'}",
+        f"weights       {weights} (asked: {config.model.quantize}){' - ' + note if note else ''}",
+        f"compiled      decoding {config.model.compile}: {can_compile() or 'available'}",
         f"int8/int4     {_quant_kernel()}",
         f"chat model    {config.model.source}: {_model_state(config.model.source)}",
         f"guard         {'on' if config.guard.enabled else 'OFF (replies are not screened)'}, mode {config.guard.mode}, "
         f"threshold {config.guard.threshold}, excluded {', '.join(config.guard.excluded) or 'none'}",
         f"guard model   {config.guard.source}: {_model_state(config.guard.source)}",
+        f"guard checks  {_guard_precision(config, device)}",
         f"config file   {config_file()}{'' if config_file().is_file() else ' (not created; defaults in use)'}",
         f"history       {database_file()}",
         f"data / cache  {data_dir()} / {cache_dir()}",
@@ -49,9 +50,34 @@ def report(config) -> str:
 
 
 def _quant_kernel() -> str:
-    from model.qkernel import available
+    from model.qkernel import available, variant
 
     why = available()
-    if why is None:  # model.step.NativeStep: bf16 activations
-        return "AVX512-VNNI kernel (model/kernels); in bf16, decode steps run natively, not compiled"
+    if why is None:  # model.step.NativeStep
+        return (f"native {variant()} kernel (model/kernels; LLAMA_CHAT_KERNEL forces avx512, avx2, neon or torch); "
+                "decode steps run natively, not compiled")
     return f"PyTorch's kernels ({why})"
+
+
+def _guard_precision(config, device: str) -> str:
+    from guard.classifier import GuardSettings
+    from guard.precision import pick_precision, probe_outcome
+    from model.device import pick_dtype
+    from model.errors import ModelError
+    from model.loading import resolve_source
+
+    want, note = pick_precision(config.guard.precision, device)
+    if want != "int8":
+        return f"unquantized (asked: {config.guard.precision}){' - ' + note if note else ''}"
+    g = config.guard
+    try:
+        outcome = probe_outcome(resolve_source(g.source), pick_dtype(config.model.dtype, device),
+                                GuardSettings(threshold=g.threshold, excluded=tuple(g.excluded)))
+    except (ModelError, ValueError):
+        outcome = None
+    if outcome is None:
+        return (f"int8 (asked: {g.precision}) once it judges the guard probe set as full precision does "
+                "(checked on its first load)")
+    if outcome["passed"]:
+        return f"int8 (asked: {g.precision}); it judged the guard probe set as full precision does"
+    return f"unquantized (asked: {g.precision}) - int8 refused: {outcome['reason']}"

@@ -87,9 +87,15 @@ def _m002_search(db: sqlite3.Connection) -> None:
     )
 
 
+def _m003_verdict_precision(db: sqlite3.Connection) -> None:
+    """How the guard computed each verdict: int8, bf16 or fp32 (guard.precision); '' before this."""
+    db.execute("ALTER TABLE verdicts ADD COLUMN precision TEXT NOT NULL DEFAULT ''")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = [
     ("001_initial", _m001_initial),
     ("002_search", _m002_search),
+    ("003_verdict_precision", _m003_verdict_precision),
 ]
 
 
@@ -296,10 +302,10 @@ class History:
     def add_verdict(self, message_id: int, verdict) -> None:
         with self.write() as db:
             db.execute(
-                "INSERT INTO verdicts (message_id, stage, safe, categories, score, latency_s, guard_model, reason, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO verdicts (message_id, stage, safe, categories, score, latency_s, guard_model, reason,"
+                " precision, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (message_id, verdict.stage, int(verdict.safe), json.dumps(list(verdict.categories)), verdict.score,
-                 verdict.latency_s, verdict.guard_model, verdict.reason, time.time()),
+                 verdict.latency_s, verdict.guard_model, verdict.reason, getattr(verdict, "precision", ""), time.time()),
             )
 
     def messages(self, conversation_id: int) -> list[Message]:
@@ -323,7 +329,7 @@ class History:
         codes = json.loads(v["categories"])
         return {"stage": v["stage"], "safe": bool(v["safe"]), "categories": codes,
                 "category_names": [display_name(c) for c in codes], "score": v["score"], "latency_s": v["latency_s"],
-                "guard_model": v["guard_model"], "reason": v["reason"]}
+                "guard_model": v["guard_model"], "reason": v["reason"], "precision": v["precision"]}
 
     def delete_messages_from(self, message_id: int) -> None:
         """Delete a message and every later message of its conversation (an edit replaces the branch)."""

@@ -19,6 +19,7 @@ from app.history import History, Message
 from model.errors import LlamaChatError
 
 WRITE_INTERVAL_S = 0.25  # how often a streaming reply is written to the database
+GUARD_SHARE = 0.1  # the part of a streaming reply's time its checks aim to take (guard.stream)
 
 
 # -- events --------------------------------------------------------------------------------------
@@ -109,7 +110,7 @@ class Engine:
             guard = None
             if use_guard:
                 say(f"Loading Llama Guard ({config.guard.source})…")
-                guard = load_guard(config)
+                guard = load_guard(config, progress=say)
             say(f"Loading {m.source}…")
             # Quantized weights and compiled code go to the app's cache folder (model.qcache.app_cache_folder).
             runner = Runner.load(m.source, device=m.device, dtype=m.dtype, context_window=m.context or None,
@@ -128,13 +129,14 @@ def wants_compile(config: Config, interactive: bool) -> bool:
     return mode == "on" or (mode == "auto" and interactive and pick_device(config.model.device) == "cpu")
 
 
-def load_guard(config: Config):
+def load_guard(config: Config, progress=None):
     from guard.classifier import Guard, GuardSettings
 
     g = config.guard
     try:
-        return Guard.load(g.source, device=config.model.device, settings=GuardSettings(
-            threshold=g.threshold, excluded=tuple(g.excluded), token_budget=g.token_budget))
+        return Guard.load(g.source, device=config.model.device, precision=g.precision, progress=progress,
+                          settings=GuardSettings(threshold=g.threshold, excluded=tuple(g.excluded),
+                                                 token_budget=g.token_budget))
     except (LlamaChatError, ValueError) as e:
         raise SessionError(
             f"Llama Guard could not be loaded, so llama-chat will not answer.\n{getattr(e, 'message', e)}\n"
@@ -258,7 +260,8 @@ class ChatSession:
         sampling = Sampling(gen.temperature, gen.top_p, None, gen.seed, gen.max_new_tokens)
         reply_id = self.history.add_message(self.conversation_id, "assistant", "", status="streaming",
                                             guarded=self.guarded)
-        moderator = StreamModerator(guard, exchange, mode=g.mode, check_every=g.check_every) if guard else None
+        moderator = StreamModerator(guard, exchange, mode=g.mode, check_every=g.check_every,
+                                    guard_share=GUARD_SHARE) if guard else None
         generated, shown, last_write, failed = "", "", time.monotonic(), None
 
         def handle(events):

@@ -58,7 +58,7 @@ def answer_like_a_chat_model(model, tokenizer) -> int:
     Returns how many of the vocabulary's ids are masked."""
     import torch
 
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = model.config.vocab_size
     masked = torch.zeros(vocab, dtype=torch.bool)
     for i, t in tokenizer.added_tokens_decoder.items():
         if i < vocab:
@@ -113,8 +113,13 @@ def env_note() -> dict:
     import torch
     import transformers
 
+    from model.qkernel import _cpu_flags, variant
+
+    flags = sorted(_cpu_flags() & {"avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16",
+                                   "asimd", "asimddp", "i8mm", "bf16"})
     return {"torch": torch.__version__, "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
-            "cpu_model": device_name("cpu"), "memory_read_gb_s": memory_read_gb_s()}
+            "cpu_model": device_name("cpu"), "cpu_flags": flags, "kernel_variant": variant(),
+            "memory_read_gb_s": memory_read_gb_s()}
 
 
 def memory_read_gb_s() -> float:

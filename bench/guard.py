@@ -1,7 +1,11 @@
 """`python -m bench.guard [--quick]`: Llama Guard 3 checks on a Llama-Guard-3-1B-shaped model with
 random weights. Compares one input check (cached prompt head + one forward pass) with plain
 generate() producing the 3 tokens of a real "safe" verdict, and measures what streaming moderation
-adds to a 256-token reply at the runner's decode speed. Prints JSON; the last line is the summary."""
+adds to a 256-token reply at the runner's decode speed. Then the end-to-end figure: a 256-token reply
+through the real session path in the app's default configuration (the chat model in its `auto` weight
+mode, the guard in its `auto` precision, strict mode), guarded and unguarded, alternating in this process;
+and, in a fresh process, the peak RSS with both models loaded that way from their caches. Prints JSON;
+the last line is the summary."""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ import datetime as dt
 import statistics
 import time
 
-from bench.common import LLAMA_1B, QUICK, device_name, emit, env_note, llama_tokenizer, peak_rss_mb, random_llama, threads
+from bench.common import (LLAMA_1B, QUICK, answer_like_a_chat_model, device_name, emit, env_note, llama_tokenizer,
+                          peak_rss_mb, random_llama, threads)
 
 MESSAGES = [  # ~20 tokens each, as the issue's measurement specifies
     "How do I bake a good loaf of sourdough bread at home when I do not have a proper oven?",
@@ -112,16 +117,79 @@ def main(argv=None) -> int:
     moderation_s = time.perf_counter() - t0
     reply_s = len(reply_ids) / runner_tok_s
 
+    head_tokens, stream_checks = len(guard._heads["User"]), len(moderator.verdicts)
+    del guard, guard_model, chat, moderator  # ~11 GB in fp32 for the 1B shapes, before the default-configuration ones
+    e2e = end_to_end(shape, tok, dtype, messages, args.reply_tokens, check_s)
     emit({
         "shape": "llama-guard-3-1b" if not args.quick else "quick", **shape, "untied_output": True,
         "dtype": str(dtype).replace("torch.", ""), "device": device_name(device), "threads": threads(),
         "check_s": round(check_s, 4), "baseline_check_s": round(baseline_s, 4), "speedup": round(baseline_s / check_s, 2),
-        "head_precompute_s": round(head_s, 3), "head_tokens": len(guard._heads["User"]),
-        "stream_checks": len(moderator.verdicts), "stream_moderation_s": round(moderation_s, 3),
-        "reply_tokens": len(reply_ids), "runner_decode_tok_s": round(runner_tok_s, 2), "reply_s": round(reply_s, 2),
-        "stream_overhead": round(moderation_s / reply_s, 4), "peak_rss_mb": round(peak_rss_mb(), 1), **env_note(),
+        "head_precompute_s": round(head_s, 3), "head_tokens": head_tokens,
+        "stream_checks": stream_checks, "stream_moderation_s": round(moderation_s, 3),
+        "reply_tokens": len(reply_ids), "runner_decode_tok_s": round(runner_tok_s, 2), "stream_reply_s": round(reply_s, 2),
+        "stream_overhead": round(moderation_s / reply_s, 4), "peak_rss_mb": round(peak_rss_mb(), 1), **e2e,
+        **env_note(),
     })
     return 0
+
+
+def default_models(shape: dict, tok, dtype):
+    """The chat model and the guard as the app's defaults make them on this CPU (model.quantize auto,
+    guard.precision auto), from random weights: (runner, guard, chat weight mode, guard precision)."""
+    from guard.classifier import Guard, GuardSettings
+    from guard.precision import pick_precision
+    from model.device import pick_quantize
+    from model.loading import Loaded, Source
+    from model.quant import quantize_model
+    from model.runner import Runner
+
+    chat_mode = pick_quantize("auto", "cpu", dtype)
+    chat = random_llama(shape, dtype=dtype)
+    if chat_mode != "bf16":
+        quantize_model(chat, chat_mode)
+    answer_like_a_chat_model(chat, tok)  # no early end of reply: every run writes the same number of tokens
+    runner = Runner(Loaded(chat, tok, Source("folder", None, "random"), (-1,), {}), device="cpu")
+    precision, _ = pick_precision("auto", "cpu")
+    guard_model = random_llama(shape, dtype=dtype, tied=False, seed=1)
+    if precision == "int8":
+        quantize_model(guard_model, "int8")
+    steer_to_safe(guard_model, tok("safe", add_special_tokens=False)["input_ids"][0])
+    guard = Guard(guard_model, tok, name="random-llama-guard-3-1b-shape", settings=GuardSettings(threshold=0.9999999))
+    return runner, guard, chat_mode, guard.precision
+
+
+def end_to_end(shape: dict, tok, dtype, messages, reply_tokens: int, check_s_full: float) -> dict:
+    """A reply of `reply_tokens` through ChatSession, guarded and unguarded, alternating."""
+    import tempfile
+    from pathlib import Path
+
+    from app.config import Config
+    from app.history import History
+    from app.session import ChatSession, Done, Engine
+
+    runner, guard, chat_mode, precision = default_models(shape, tok, dtype)
+    config = Config()  # the defaults: strict mode, its check cadence
+    config.generation.temperature, config.generation.max_new_tokens = 0.0, reply_tokens
+    checks = [guard.check([{"role": "user", "content": t}]).latency_s for t in messages]
+    times: dict[bool, list[float]] = {True: [], False: []}
+    with tempfile.TemporaryDirectory() as home:
+        history = History(Path(home) / "history.sqlite3")
+        for i in range(4):
+            guarded = i % 2 == 0
+            session = ChatSession(history, config, Engine(runner, guard if guarded else None, "random"))
+            session.system_prompt = ""
+            runner.reset()
+            t0 = time.perf_counter()
+            done = [e for e in session.send("Tell me a long story about the sea.") if isinstance(e, Done)][-1]
+            times[guarded].append(time.perf_counter() - t0)
+            emit({"phase": "end to end, " + ("guarded" if guarded else "unguarded"), "status": done.status,
+                  "reply_tokens": done.stats.get("new_tokens"), "reply_s": round(times[guarded][-1], 3),
+                  "guard_s": done.stats.get("guard_s", 0.0)})
+        history.close()
+    guarded_s, unguarded_s = statistics.median(times[True]), statistics.median(times[False])
+    return {"reply_s": round(guarded_s, 3), "reply_s_unguarded": round(unguarded_s, 3),
+            "guard_overhead": round(guarded_s / unguarded_s - 1, 4), "check_s": round(statistics.median(checks), 4),
+            "check_s_bf16": round(check_s_full, 4), "guard_precision": precision, "chat_quantize": chat_mode}
 
 
 if __name__ == "__main__":

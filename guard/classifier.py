@@ -69,6 +69,11 @@ class Guard:
         pack_linears(model.get_decoder())  # the output layer stays plain: a check reads two of its rows
         use_grouped_attention(model)
         self.settings = settings or GuardSettings()
+        from guard.precision import full_precision_name
+        from model.quant import QLinear
+
+        self.precision = "int8" if any(isinstance(m, QLinear) for m in model.modules()) else full_precision_name(model.dtype)
+        self.precision_note = ""  # why the precision asked for is not the one in use (guard.precision)
         self._nn = self._single_token("\n\n")
         self._safe, self._unsafe = self._single_token("safe"), self._single_token("unsafe")
         self._eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
@@ -81,17 +86,29 @@ class Guard:
 
     @classmethod
     def load(cls, src: str = DEFAULT_GUARD, *, device: str = "auto", dtype: str = "auto",
-             settings: GuardSettings | None = None) -> "Guard":
+             settings: GuardSettings | None = None, precision: str = "bf16", progress=None) -> "Guard":
+        """`precision`: bf16 (unquantized, in `dtype`), int8 or auto (int8 on a CPU where the native kernel
+        runs; guard.precision). int8 is used only after it judges the probe set as full precision does;
+        `precision_note` says when and why it was not. `progress(text)` hears of slow first-start steps."""
         from model.loading import load_checkpoint, paused_gc, resolve_source
 
+        settings = settings or GuardSettings()
         with paused_gc():
             from model.device import configure_threads, pick_device, pick_dtype
+
+            from guard.precision import load_int8, pick_precision
 
             dev = pick_device(device)
             configure_threads(dev)
             source = resolve_source(src)
-            loaded = load_checkpoint(source, device=dev, dtype=pick_dtype(dtype, dev))
-        return cls(loaded.model, loaded.tokenizer, name=source.name, settings=settings)
+            torch_dtype = pick_dtype(dtype, dev)
+            want, note = pick_precision(precision, dev)
+            if want == "int8":
+                return load_int8(cls, source, torch_dtype, settings, progress)
+            loaded = load_checkpoint(source, device=dev, dtype=torch_dtype)
+        guard = cls(loaded.model, loaded.tokenizer, name=source.name, settings=settings)
+        guard.precision_note = note
+        return guard
 
     def _single_token(self, text: str) -> int:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -167,7 +184,7 @@ class Guard:
         except Exception as e:  # fail closed: a guard that cannot answer blocks
             verdict = Verdict(False, reason=f"guard error: {type(e).__name__}: {e}")
         return Verdict(**{**verdict.__dict__, "stage": stage, "latency_s": time.perf_counter() - t0,
-                          "guard_model": self.name})
+                          "guard_model": self.name, "precision": self.precision})
 
     def _check_within_budget(self, messages: list[dict]) -> Verdict:
         budget = self.settings.token_budget

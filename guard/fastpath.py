@@ -5,7 +5,7 @@ closing instruction), so it is compute-bound and these cuts show directly in its
   every position (the KV cache needs them), but the query, attention output and MLP only for the last
   one, the only position whose output the guard reads. About 1/16 of a check's compute on 16 layers.
 - `FusedGateUp` runs a Llama MLP's gate and up projections as one matmul (a check ~2% faster on CPU,
-  with the packed weights of model.packed).
+  with the packed weights of model.packed; int8 layers are stacked tile by tile).
 """
 
 from __future__ import annotations
@@ -45,12 +45,17 @@ class FusedGateUp(nn.Module):
         super().__init__()
         import torch
 
+        from model.quant import QLinear
+
         gate, up = mlp.gate_proj, mlp.up_proj
         self.size = gate.out_features
-        self.gate_up = nn.Linear(gate.in_features, 2 * self.size, bias=False, device=gate.weight.device,
-                                 dtype=gate.weight.dtype)
-        with torch.no_grad():
-            self.gate_up.weight.copy_(torch.cat([gate.weight, up.weight]))
+        if isinstance(gate, QLinear):  # int8 guard: the two layers' tiles, stacked
+            self.gate_up = QLinear.concat([gate, up])
+        else:
+            self.gate_up = nn.Linear(gate.in_features, 2 * self.size, bias=False, device=gate.weight.device,
+                                     dtype=gate.weight.dtype)
+            with torch.no_grad():
+                self.gate_up.weight.copy_(torch.cat([gate.weight, up.weight]))
         self.down_proj, self.act_fn = mlp.down_proj, mlp.act_fn
 
     def forward(self, x):
@@ -65,9 +70,13 @@ def optimise_for_checks(model) -> bool:
     layers = getattr(model.get_decoder(), "layers", None)
     if not layers or not all(isinstance(layer, LlamaDecoderLayer) for layer in layers):
         return False
+    from model.quant import QLinear
+
     for layer in layers:
-        if isinstance(layer.mlp, LlamaMLP) and not getattr(layer.mlp.config, "mlp_bias", False):
-            layer.mlp = FusedGateUp(layer.mlp)
+        mlp = layer.mlp
+        fusable = not isinstance(mlp.gate_proj, QLinear) or mlp.gate_proj.out_features % 16 == 0
+        if isinstance(mlp, LlamaMLP) and not getattr(mlp.config, "mlp_bias", False) and fusable:
+            layer.mlp = FusedGateUp(mlp)
     layers[-1] = LastPositionOnly(layers[-1])
     return True
 

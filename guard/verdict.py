@@ -19,6 +19,7 @@ class Verdict:
     latency_s: float = 0.0
     guard_model: str = ""
     reason: str = ""  # why a verdict blocked without categories (unreadable, error)
+    precision: str = ""  # how the guard computed: int8, bf16, fp32 (guard.precision)
     raw: str = field(default="", compare=False)
 
     def to_dict(self) -> dict:

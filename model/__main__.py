@@ -44,7 +44,8 @@ def main(argv=None) -> int:
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be at least 1, not {args.threads}")
         runner = Runner.load(args.model, device=args.device, dtype=args.dtype, threads=args.threads,
-                             context_window=args.context, quantize=args.quantize, compile=args.compile)
+                             context_window=args.context, quantize=args.quantize, compile=args.compile,
+                             progress=lambda text: print(text, file=sys.stderr, flush=True))
         messages = [{"role": "system", "content": args.system}] if args.system else []
         for prompt in args.prompts:
             messages.append({"role": "user", "content": prompt})

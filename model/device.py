@@ -96,18 +96,38 @@ def pick_dtype(requested: str, device: str):
 def pick_quantize(requested: str, device: str, dtype) -> str:
     """`auto` is int4 on the CPU (its quality gate holds: README, "CPU weight modes"; measured on SmolLM2's
     Q4_1 GGUF, so it holds for a GGUF quantized again too) where a fast kernel runs it, else bf16 (none).
-    The modes are CPU kernels for bf16 or fp32 activations, and PyTorch's int4 kernel, the fallback
-    without AVX512-VNNI (model.quant.kernel), is fast in bf16 only: with fp32 activations it decoded the
-    1B shape at 1.0 tok/s here, against 4.0 unquantized."""
+    See `quantize_note` for what happens to an explicit int8/int4 where only a slow kernel runs."""
     import torch
 
     if requested != "auto":
         return requested
     if device.split(":")[0] != "cpu" or dtype not in (torch.bfloat16, torch.float32):
         return "bf16"
+    return "bf16" if slow_quantized(dtype) else "int4"
+
+
+def slow_quantized(dtype) -> bool:
+    """Whether the quantized modes would decode slower than unquantized weights here: no native kernel
+    (model.qkernel) and fp32 activations, where PyTorch's int4 kernel, the fallback, decoded the 1B shape at
+    1.0 tok/s against 4.0 unquantized (SmolLM2: 8.1 against 22.5)."""
+    import torch
+
     from model.quant import kernel
 
-    return "int4" if dtype == torch.bfloat16 or kernel() == "vnni" else "bf16"
+    return kernel() != "native" and dtype != torch.bfloat16
+
+
+def quantize_note(requested: str, device: str, dtype) -> tuple[str, str]:
+    """(the weight mode to load, a sentence for the user or ""): an explicit quantized mode that only a slow
+    kernel could run here is loaded unquantized instead, and the sentence says why."""
+    mode = pick_quantize(requested, device, dtype)
+    if mode == "bf16" or device.split(":")[0] != "cpu" or not slow_quantized(dtype):
+        return mode, ""
+    from model.qkernel import available
+
+    return "bf16", (f"--quantize {mode} needs the native int8/int4 kernel, which does not run here ({available()}); "
+                    "PyTorch's kernel with fp32 activations is slower than unquantized weights, so the weights stay "
+                    "as they are.")
 
 
 def configure_threads(device: str, threads: int | None = None) -> int:

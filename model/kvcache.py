@@ -125,7 +125,8 @@ class PrefixCache:
             try:
                 if rows is not None and last:
                     hidden = self.model.get_decoder()(input_ids=x, cache=self.cache, use_cache=True).last_hidden_state
-                    weight = self.model.get_output_embeddings().weight[list(rows)]
+                    head = self.model.get_output_embeddings()
+                    weight = head.dequantized(rows) if hasattr(head, "dequantized") else head.weight[list(rows)]
                     logits = torch.nn.functional.linear(hidden[0, -1], weight)
                 elif len(chunk) == 1 and (self.step or self.eager_step):
                     logits = (self.step or self.eager_step)(x, self.cache)

@@ -28,7 +28,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-FORMAT = 5  # 4: records name their checkpoint (prefetch, dropping stale entries); 5: one weight buffer per QLinear
+FORMAT = 6  # 4: records name their checkpoint (prefetch, dropping stale entries); 5: one weight buffer per QLinear;
+# 6: the native kernel is named "native" (one packed layout for every variant)
 TOKENIZER_FORMAT = 3
 CHUNK = 64 << 20
 ALIGN = 64
@@ -115,7 +116,7 @@ def load_quantized(source, mode: str, *, dtype, cache_folder: Path | None, build
     from model.quant import kernel, quantize_model
 
     kernel_name = kernel()
-    folder = _folder(cache_folder)
+    folder = quantized_folder(cache_folder)
     key = cache_key(source, mode, dtype, kernel_name)
     weights, record = folder / f"{key}.bin", folder / f"{key}.json"
     meta = _record(record, key)
@@ -149,7 +150,7 @@ def load_quantized(source, mode: str, *, dtype, cache_folder: Path | None, build
     return model, extra
 
 
-def _folder(cache_folder) -> Path:
+def quantized_folder(cache_folder=None) -> Path:
     return Path(cache_folder) if cache_folder else app_cache_folder() / "quantized"
 
 
@@ -160,7 +161,7 @@ def prefetch(source, mode: str, cache_folder=None) -> Prefetch | None:
     checkpoint in `mode` ("auto": int4); None when there is none. `load_quantized` uses the read only if
     it is the entry its key names, with every chunk's CRC-32 matching the record."""
     want = _about(source, "int4" if mode == "auto" else mode)
-    found = [(mtime, record, meta) for record, meta, mtime in _records(_folder(cache_folder))
+    found = [(mtime, record, meta) for record, meta, mtime in _records(quantized_folder(cache_folder))
              if meta.get("format") == FORMAT and all(meta.get(k) == v for k, v in want.items())]
     best = max(found, key=lambda f: f[0], default=None)
     return Prefetch(best[1].with_suffix(".bin"), best[2]) if best else None

@@ -1,17 +1,24 @@
 """The int8/int4 kernels for CPU decoding (model/kernels: the matmul in qlinear.cpp, a whole decode step
-in decode.cpp), built on first use.
+in decode.cpp), built on first use for the CPU at hand.
 
 PyTorch's own weight-only kernels dequantize every weight to floating point, which kept a 1B model's
-int4 decoding well below what memory can deliver on a 2-core CPU (~21 GB/s of weights). This kernel
-quantizes the activations to int8 per block of 32 and multiplies with AVX512-VNNI, like llama.cpp; with
-the weights on 2 MB pages (see `model.qcache._hugepage_view`) it streams weights about as fast as the machine reads
-memory (29-56 GB/s here, as the VM's bandwidth varied).
+int4 decoding well below what memory can deliver on a 2-core CPU. These kernels quantize the activations
+to int8 per block of 32 and multiply with integer dot products, like llama.cpp. One source, built as one
+variant per instruction set (model/kernels/arch_<variant>.h), all with the same calls and the same packed
+weights:
 
-The sources are compiled once per source version and compiler into the app's cache folder with the
-system's C++ compiler (about a second) and called through ctypes: no torch headers, no build step at
-install.
-Where it cannot run (no AVX512-VNNI, no compiler, another OS, LLAMA_CHAT_KERNEL=torch), `load()` says
-why and the quantized modes use PyTorch's kernels instead (model.quant).
+- avx512: AVX512-VNNI (AMD Zen 4 and later, Intel Xeon since Cascade Lake, Ice/Tiger Lake laptops);
+- avx2: AVX2 + FMA (Intel since Haswell, including the 12th generation and later without AVX-512; AMD
+  Zen 1-3);
+- neon: aarch64 with the dot-product extension (Apple M1 and later, Graviton 2 and later, Snapdragon X).
+
+The fastest variant the CPU has is used; `LLAMA_CHAT_KERNEL=avx2` (or avx512, neon) forces one, and
+`LLAMA_CHAT_KERNEL=torch` asks for PyTorch's kernels. The sources are compiled once per variant, source
+version and compiler version into the app's cache folder with the system's C++ compiler (a few seconds)
+and called through ctypes: no torch headers, no build step at install. The library reports its ABI
+version and variant, and is used only when both are the ones asked for. Where no variant can run (an
+unsupported CPU, no compiler), `load()` says why and the quantized modes use PyTorch's kernels instead
+(model.quant).
 """
 
 from __future__ import annotations
@@ -20,57 +27,128 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import subprocess
 from pathlib import Path
 
 import torch  # loaded first, so the kernel binds to torch's OpenMP runtime (one thread pool)
 
 KERNELS = Path(__file__).with_name("kernels")
-SOURCES = (KERNELS / "qlinear.cpp", KERNELS / "decode.cpp")  # with KERNELS / "qlinear.h"
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni")
-CFLAGS = ("-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC",
-          "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mfma")
+SOURCES = ("qlinear.cpp", "decode.cpp")
+HEADERS = ("qlinear.h", "arch_avx512.h", "arch_avx2.h", "arch_neon.h", "decode_avx512.h")
+ABI = 2  # LC_ABI in model/kernels/qlinear.h
+BASE_FLAGS = ("-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC")
+# variant: (machine, CPU flags it needs as /proc/cpuinfo names them, compiler flags); fastest first
+VARIANTS = {
+    "avx512": ("x86_64", ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"),
+               ("-DLC_AVX512", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mfma")),
+    "avx2": ("x86_64", ("avx2", "fma"), ("-DLC_AVX2", "-mavx2", "-mfma", "-ffp-contract=fast")),
+    "neon": ("aarch64", ("asimddp",), ("-DLC_NEON", "-march=armv8.2-a+dotprod", "-ffp-contract=fast")),
+}
 
 
 class Unavailable(RuntimeError):
     """The kernel cannot run here; the message says why."""
 
 
+def _machine() -> str:
+    m = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
+
+
 def _cpu_flags() -> set[str]:
+    """The CPU's feature flags (x86 "flags", aarch64 "Features" in /proc/cpuinfo; on macOS, sysctl)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("flags"):
+                if line.startswith(("flags", "Features")):
                     return set(line.partition(":")[2].split())
     except OSError:
         pass
+    if platform.system() == "Darwin" and _machine() == "aarch64":
+        try:
+            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_DotProd"], capture_output=True, text=True,
+                                 timeout=5, check=False).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        return {"asimddp"} if out == "1" else set()
     return set()
+
+
+def pick_variant(requested: str | None = None, machine: str | None = None, flags: set[str] | None = None) -> str:
+    """The variant to build: `requested` (LLAMA_CHAT_KERNEL by default) when the CPU has it, else the fastest
+    one it has. Raises `Unavailable` saying why none fits."""
+    requested = (os.environ.get("LLAMA_CHAT_KERNEL", "") if requested is None else requested).lower()
+    machine = machine or _machine()
+    flags = _cpu_flags() if flags is None else flags
+    if requested == "torch":
+        raise Unavailable("LLAMA_CHAT_KERNEL=torch asks for PyTorch's kernels")
+    if requested and requested not in VARIANTS:
+        raise Unavailable(f"LLAMA_CHAT_KERNEL={requested} is not a kernel: use {', '.join(VARIANTS)} or torch")
+    for name in [requested] if requested else VARIANTS:
+        arch, needs, _ = VARIANTS[name]
+        missing = [f for f in needs if f not in flags]
+        if arch == machine and not missing:
+            return name
+        if requested:
+            why = f"this is a {machine} CPU" if arch != machine else f"this CPU lacks {', '.join(missing)}"
+            raise Unavailable(f"LLAMA_CHAT_KERNEL={name} asks for the {name} kernel, but {why}")
+    raise Unavailable(f"this CPU has none of the kernels' instruction sets ({machine}: needs AVX2 + FMA, "
+                      "AVX512-VNNI or NEON with the dot-product extension)")
+
+
+def build(variant: str, cxx: str, out_dir: Path) -> Path:
+    """Compile `variant` with `cxx` into `out_dir` (once per source, flags and compiler version); returns
+    the library's path. Raises `Unavailable` when compiling fails."""
+    flags = (*BASE_FLAGS, *VARIANTS[variant][2])
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30,
+                                 check=False).stdout.partition("\n")[0]
+    except (OSError, subprocess.SubprocessError) as e:
+        raise Unavailable(f"cannot run the C++ compiler {cxx}: {e}") from e
+    source = b"".join((KERNELS / name).read_bytes() for name in (*SOURCES, *HEADERS))
+    digest = hashlib.sha256(source + " ".join((cxx, version, *flags)).encode()).hexdigest()[:16]
+    lib = out_dir / f"qlinear-{variant}-{digest}.so"
+    if not lib.is_file():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        tmp = lib.with_suffix(f".tmp{os.getpid()}.so")
+        proc = subprocess.run([cxx, *flags, *(str(KERNELS / s) for s in SOURCES), "-o", str(tmp)], capture_output=True,
+                              text=True, check=False)
+        if proc.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise Unavailable(f"compiling model/kernels ({variant}) failed: {proc.stderr.strip()[-500:]}")
+        tmp.replace(lib)
+    return lib
 
 
 def load():
     """The kernel library (ctypes: `lc_qlinear`, `lc_decode`); raises `Unavailable` when it cannot run
-    here. Decided once per process."""
-    found = _entry_point()
+    here. Decided once per process and value of LLAMA_CHAT_KERNEL."""
+    found = _entry_point(os.environ.get("LLAMA_CHAT_KERNEL", ""))
     if isinstance(found, Unavailable):
         raise found
     return found
 
 
-@functools.cache
-def _entry_point():
-    """The kernel library, or the `Unavailable` that says why there is none."""
+def variant() -> str | None:
+    """The variant that runs here (avx512, avx2, neon), or None (see `available`)."""
     try:
-        return _build_and_load()
+        return load().lc_variant().decode()
+    except Unavailable:
+        return None
+
+
+@functools.cache
+def _entry_point(requested: str):
+    """The kernel library for LLAMA_CHAT_KERNEL=`requested`, or the `Unavailable` that says why there is none."""
+    try:
+        return _build_and_load(requested)
     except Unavailable as e:
         return e
 
 
-def _build_and_load():
-    if os.environ.get("LLAMA_CHAT_KERNEL", "").lower() == "torch":
-        raise Unavailable("LLAMA_CHAT_KERNEL=torch asks for PyTorch's kernels")
-    missing = [f for f in CPU_FLAGS if f not in _cpu_flags()]
-    if missing:
-        raise Unavailable(f"this CPU lacks {', '.join(missing)}")
+def _build_and_load(requested: str):
+    name = pick_variant(requested)
     from model.device import find_cxx
 
     cxx = find_cxx()
@@ -78,23 +156,17 @@ def _build_and_load():
         raise Unavailable("no C++ compiler found (install g++ or clang++)")
     from model.qcache import app_cache_folder
 
-    source = b"".join(p.read_bytes() for p in (*SOURCES, KERNELS / "qlinear.h"))
-    digest = hashlib.sha256(source + " ".join((cxx, *CFLAGS)).encode()).hexdigest()[:16]
-    lib = app_cache_folder() / "kernels" / f"qlinear-{digest}.so"
+    lib = build(name, cxx, app_cache_folder() / "kernels")
     try:
-        if not lib.is_file():
-            lib.parent.mkdir(parents=True, exist_ok=True)
-            tmp = lib.with_suffix(f".tmp{os.getpid()}.so")
-            proc = subprocess.run([cxx, *CFLAGS, *map(str, SOURCES), "-o", str(tmp)], capture_output=True, text=True,
-                                  check=False)
-            if proc.returncode != 0:
-                tmp.unlink(missing_ok=True)
-                raise Unavailable(f"compiling model/kernels failed: {proc.stderr.strip()[-500:]}")
-            tmp.replace(lib)
         found = ctypes.CDLL(str(lib))
-        fn, step = found.lc_qlinear, found.lc_decode
+        fn, step, abi, var = found.lc_qlinear, found.lc_decode, found.lc_abi, found.lc_variant
     except (OSError, AttributeError) as e:
-        raise Unavailable(f"cannot build or load {lib}: {e}") from e
+        lib.unlink(missing_ok=True)  # a damaged or foreign file: built again next time
+        raise Unavailable(f"cannot load {lib}: {e}") from e
+    var.restype, abi.restype = ctypes.c_char_p, ctypes.c_int
+    if abi() != ABI or var() != name.encode():
+        lib.unlink(missing_ok=True)
+        raise Unavailable(f"{lib} is ABI {abi()} {var().decode()}, not ABI {ABI} {name}; it is rebuilt next time")
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     fn.restype = step.restype = ctypes.c_int
     fn.argtypes = [ptr, c_int, i64, i64, ptr, c_int, i64, i64, ptr, c_int, c_int]
@@ -114,7 +186,7 @@ class DecodeLayer(ctypes.Structure):
 
 class DecodeShape(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int64) for name in
-                ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "position")] + \
+                ("layers", "hidden", "heads", "kv_heads", "head_dim", "intermediate", "position", "fp32")] + \
                [("eps", ctypes.c_float), ("scale", ctypes.c_float)]
 
 

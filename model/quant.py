@@ -8,9 +8,10 @@ Modes:
 - int4-fast: int4 in groups of 128 everywhere, output layer included.
 
 Decoding one token reads every weight once, so fewer bytes per weight is faster decoding on a CPU.
-Two kernels: `QLinear` (model.qkernel: int8 activations x int8/int4 weights with AVX512-VNNI, the fast
-one) where it runs, else PyTorch's weight-only kernels (`Int8Linear`, `Int4Linear`: bf16 activations,
-`aten._weight_int8pack_mm` and `aten._weight_int4pack_mm_for_cpu`). `kernel()` says which.
+Two kernels: `QLinear` (model.qkernel: int8 activations x int8/int4 weights with integer dot products on
+AVX512-VNNI, AVX2 or NEON, the fast one) where it runs, else PyTorch's weight-only kernels (`Int8Linear`,
+`Int4Linear`: bf16 activations, `aten._weight_int8pack_mm` and `aten._weight_int4pack_mm_for_cpu`).
+`kernel()` says which.
 A quantized model is built once per checkpoint, mode and kernel and cached; see `model.qcache`.
 """
 
@@ -30,8 +31,8 @@ ROWS_AT_ONCE = 256  # QLinear.from_linear; a multiple of the kernel's tiles of 1
 
 
 def kernel() -> str:
-    """"vnni" (model.qkernel) where it runs, else "torch"."""
-    return "vnni" if available() is None else "torch"
+    """"native" (model.qkernel, whichever variant runs) where it runs, else "torch"."""
+    return "native" if available() is None else "torch"
 
 
 class QLinear(nn.Module):
@@ -71,6 +72,35 @@ class QLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}, group={self.group}"
                 + (", float_out" if self.float_out else ""))
+
+    def dequantized(self, rows=None):
+        """The weights this layer multiplies by, fp32 [len(rows) or out_features, in_features]: all its rows,
+        or only `rows`, unpacked from the tile layout (`pack_tiles`)."""
+        k, groups = self.in_features, self.in_features // self.group
+        wanted = torch.arange(self.out_features) if rows is None else torch.as_tensor(list(rows))
+        tiles, inverse = torch.unique(wanted // 16, return_inverse=True)
+        by_group = self.packed.reshape(-1, groups, self.packed.numel() // (len(self.packed) // 16 * groups))[tiles]
+        codes = by_group[:, :, :-64].reshape(len(tiles), k // 32, -1, 16, 4)  # tile, block, vector, row, input
+        if self.bits == 4:
+            codes = torch.cat([codes & 0x0F, codes >> 4], dim=2)
+        codes = codes.permute(0, 3, 1, 2, 4).reshape(len(tiles), 16, k).float()
+        words = by_group[:, :, -64:].reshape(len(tiles), groups, 16, 2, 2).permute(0, 2, 1, 3, 4)  # tile, row, group
+        scale, offset = (words[..., i, :].contiguous().view(torch.bfloat16).float().reshape(len(tiles), 16, groups)
+                         .repeat_interleave(self.group, dim=2) for i in (0, 1))
+        return (codes * scale + offset)[inverse, wanted % 16]
+
+    @classmethod
+    def concat(cls, parts: list["QLinear"]) -> "QLinear":
+        """One layer whose outputs are `parts`' outputs side by side (their weights share an input): tiles
+        are whole rows, so their packed buffers are stacked. Each part's rows must fill whole tiles."""
+        first = parts[0]
+        if any((p.in_features, p.bits, p.group, p.float_out) != (first.in_features, first.bits, first.group, first.float_out)
+               or p.out_features % 16 for p in parts):
+            raise ValueError("only layers alike in input, bits, group and output, with whole tiles of rows, concatenate")
+        out = cls(first.in_features, sum(p.out_features for p in parts), first.bits, first.group, device="meta",
+                  float_out=first.float_out)
+        out.packed = torch.cat([p.packed for p in parts])
+        return out
 
 
 def _quantize_rows(w, bits: int):
@@ -234,7 +264,7 @@ def _swap_linears(model, layout: dict[str, tuple], kernel_name: str, empty_dtype
     for name, spec in layout.items():
         linear = model.get_submodule(name)
         k, n = linear.in_features, linear.out_features
-        if kernel_name == "vnni" and k % 32 == 0:
+        if kernel_name == "native" and k % 32 == 0:
             bits, group = (8, k) if spec[0] == "int8" else (4, spec[1])
             new = (QLinear(k, n, bits, group, device="meta", float_out=linear is head) if empty_dtype
                    else QLinear.from_linear(linear, bits, group, float_out=linear is head))

@@ -76,6 +76,7 @@ class Runner:
         self.last_stats: TurnStats | None = None
         self.last_reply_ids: list[int] = []
         self.quantize = "bf16"
+        self.quantize_note = ""  # why the weight mode asked for is not the one in use (model.device.quantize_note)
         self.compiled = None  # a model.compiled.CompiledDecoder once `compile_decoding` is called
 
     @classmethod
@@ -91,11 +92,13 @@ class Runner:
         ahead = prefetched or prefetch_weights(source, device=device, quantize=quantize, cache_folder=cache_folder)
         try:
             with paused_gc():
-                from model.device import configure_threads, pick_device, pick_dtype, pick_quantize
+                from model.device import configure_threads, pick_device, pick_dtype, quantize_note
 
                 dev = pick_device(device)
                 configure_threads(dev, threads)
-                quantize = pick_quantize(quantize, dev, pick_dtype(dtype, dev))
+                quantize, note = quantize_note(quantize, dev, pick_dtype(dtype, dev))
+                if note and progress:
+                    progress(note)
                 if dtype == "auto" and source.kind == "gguf" and quantize == "bf16":
                     dtype = "float32"  # transformers' packed GGUF kernels compute in fp32
                 loaded = load_checkpoint(source, device=dev, dtype=pick_dtype(dtype, dev), quantize=quantize,
@@ -104,7 +107,7 @@ class Runner:
             if ahead is not None:
                 ahead.cancel()  # unused (a GPU, another entry) or done: stop reading
         runner = cls(loaded, device=dev, context_window=context_window)
-        runner.quantize = quantize
+        runner.quantize, runner.quantize_note = quantize, note
         if compile:
             runner.compile_decoding()
         return runner

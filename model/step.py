@@ -4,7 +4,7 @@ transformers' forward serves every shape of call: masks, position ids, output re
 new token it ran ~2,500 PyTorch ops a token on the 1B shape, ~7 ms of a 29 ms int4 step on this 2-core
 CPU. `LlamaStep` calls the same modules and functions in the same order on the same tensors, so its
 logits are the forward's bit for bit, and skips the rest. `NativeStep` runs the decoder layers in one
-call of the VNNI kernel library.
+call of the kernel library (model.qkernel), in bf16 or fp32.
 """
 
 from __future__ import annotations
@@ -67,8 +67,8 @@ HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128, 256)  # lc_decode's attention (model/k
 
 
 class NativeStep(LlamaStep):
-    """The decoder layers of a step in one call of the VNNI kernel library (`lc_decode` in
-    model/kernels/decode.cpp) when every projection is a `QLinear` and activations are bf16: no
+    """The decoder layers of a step in one call of the kernel library (`lc_decode` in
+    model/kernels/decode.cpp) when every projection is a `QLinear` and activations are bf16 or fp32: no
     PyTorch op between the layers' matmuls. Embedding, final norm and output layer stay the modules'."""
 
     def __init__(self, model):
@@ -82,8 +82,8 @@ class NativeStep(LlamaStep):
         attn0 = layers[0].self_attn
         self.shape = DecodeShape(layers=len(layers), hidden=config.hidden_size, heads=config.num_attention_heads,
                                  kv_heads=config.num_key_value_heads, head_dim=attn0.head_dim,
-                                 intermediate=config.intermediate_size, position=0, eps=config.rms_norm_eps,
-                                 scale=attn0.scaling)
+                                 intermediate=config.intermediate_size, position=0,
+                                 fp32=int(model.dtype == torch.float32), eps=config.rms_norm_eps, scale=attn0.scaling)
         self.layers = (DecodeLayer * len(layers))()
         self.kv_like = torch.empty(1, config.num_key_value_heads, 0, attn0.head_dim, dtype=model.dtype)
         self.held = []  # weak references to the key buffers whose addresses `self.layers` holds
@@ -98,13 +98,14 @@ class NativeStep(LlamaStep):
 
     @staticmethod
     def supports(model) -> bool:
-        """A Llama model on the CPU in bf16 whose decoder projections are all `QLinear`, with SiLU."""
+        """A Llama model on the CPU in bf16 or fp32 whose decoder projections are all `QLinear`, with SiLU."""
         import torch
         from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
         from model.quant import QLinear
 
-        if not LlamaStep.supports(model) or model.dtype != torch.bfloat16 or model.device.type != "cpu":
+        if (not LlamaStep.supports(model) or model.dtype not in (torch.bfloat16, torch.float32)
+                or model.device.type != "cpu"):
             return False
         config = model.config
         for layer in model.model.layers[: config.num_hidden_layers]:

@@ -171,3 +171,28 @@ def keyword_runner(keyword_llama_dir):
     from model.runner import Runner
 
     return Runner.load(str(keyword_llama_dir), device="cpu", dtype="float32")
+
+
+def native_variants() -> list[str]:
+    """The kernel variants (model.qkernel) this CPU runs: on an AVX-512 machine both x86 ones."""
+    from model.qkernel import VARIANTS, Unavailable, pick_variant
+
+    found = []
+    for name in VARIANTS:
+        try:
+            found.append(pick_variant(name))
+        except Unavailable:
+            pass
+    return found
+
+
+@pytest.fixture(params=native_variants() or [None])
+def kernel_variant(request, monkeypatch):
+    """Each kernel variant this CPU runs, forced with LLAMA_CHAT_KERNEL."""
+    import model.qkernel
+
+    if request.param is None:
+        pytest.skip("no native kernel variant runs on this CPU (PyTorch's kernels are tested instead)")
+    monkeypatch.setenv("LLAMA_CHAT_KERNEL", request.param)
+    assert model.qkernel.variant() == request.param
+    return request.param

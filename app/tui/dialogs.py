@@ -50,14 +50,17 @@ class DialogsMixin:
                 return
             from app.config import apply_setting
 
-            old = (self.config.model.source, self.config.model.quantize)
+            def reloads():  # the settings that need the models loaded again
+                return self.config.model.source, self.config.model.quantize, self.config.guard.precision
+
+            old = reloads()
             for dotted, value in changes.items():
                 section, _, key = dotted.partition(".")
                 if value is None:
                     setattr(getattr(self.config, section), key, None)
                 else:
                     apply_setting(self.config, section, key, value, where="settings")
-            if (self.config.model.source, self.config.model.quantize) != old:
+            if reloads() != old:
                 if self.busy:
                     self.cancel.set()
                 if self.session.engine is not None:

@@ -174,6 +174,10 @@ class SettingsScreen(Modal):
                 yield Label("Guard mode" + ("" if self.guard_available else " (guard is off)"))
                 yield Select([("strict: show only checked text", "strict"), ("fast: show at once, retract if unsafe", "fast")],
                              value=c.guard.mode, allow_blank=False, id="mode")
+                yield Label("Guard precision")
+                yield Select([("auto: int8 where it runs fast and passes its probe check", "auto"),
+                              ("bf16: unquantized", "bf16"), ("int8: native int8 kernel", "int8")],
+                             value=c.guard.precision, allow_blank=False, id="precision")
                 yield Label("Categories screened (unticked ones are excluded)")
                 yield SelectionList(*[(f"{code} {DISPLAY_NAMES[code]}", code, code not in c.guard.excluded)
                                       for code in LLAMA_GUARD_3_CATEGORIES], id="categories")
@@ -217,6 +221,7 @@ class SettingsScreen(Modal):
             "generation.top_p": number("top_p", float, 0.01, 1),
             "generation.max_new_tokens": number("max_new_tokens", int, 1, 32768, optional=False),
             "guard.mode": self.query_one("#mode", Select).value,
+            "guard.precision": self.query_one("#precision", Select).value,
             "guard.excluded": [c for c in LLAMA_GUARD_3_CATEGORIES if c not in screened],
         }
 

@@ -1,12 +1,17 @@
 // Shared by qlinear.cpp (the quantized matmul) and decode.cpp (a decode step built on it): bf16 helpers,
-// the weight matrix descriptor and the matmul entry both use. Built together by model/qkernel.py.
+// the weight matrix descriptor, the tile layout's sizes and the matmul entry. Built together by
+// model/qkernel.py, once per variant: LC_AVX512 (AVX512-VNNI), LC_AVX2 (AVX2 + FMA) or LC_NEON (aarch64
+// with the dot-product extension); the variant's instructions live in arch_<variant>.h.
 #pragma once
 
-#include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
 
 #include <vector>
+
+// Bumped whenever an exported function or struct changes; model/qkernel.py refuses a library whose
+// lc_abi() differs from its own ABI.
+#define LC_ABI 2
 
 namespace lc {
 
@@ -25,10 +30,6 @@ inline uint16_t f32_to_bf16(float f) {
   return (uint16_t)(u >> 16);
 }
 
-inline __m512 load_bf16x16(const uint16_t* p, __mmask16 k) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
-}
-
 // Scratch reused across calls (per calling thread): decoding calls the kernel ~100 times a token.
 template <typename T>
 T* scratch(std::vector<T>& v, size_t n) {
@@ -42,6 +43,20 @@ struct QMat {
   const uint8_t* data;
   int64_t group, bits, n;
 };
+
+// One activation row, quantized to int8 per block of 32 (quantize_row in the arch header).
+struct Act {
+  int8_t* q;      // K values
+  float* d;       // K/32 block scales
+  float* gsum;    // K/G sums of the quantized x per group, each block's sum times its scale
+  const int8_t* wide;  // arch_avx2.h, decoding: each 4 values of q repeated across 32 bytes; else null
+};
+
+// A tile's group: its blocks' codes (16 rows x 32 inputs each), then a 32-bit word (scale | offset << 16)
+// for each of the 16 rows.
+constexpr int64_t block_bytes(int64_t bits) { return 16 * 32 * bits / 8; }
+constexpr int64_t group_bytes(int64_t G, int64_t bits) { return G / 32 * block_bytes(bits) + 64; }
+constexpr int64_t tile_bytes(int64_t K, int64_t G, int64_t bits) { return K / G * group_bytes(G, bits); }
 
 // y_i = x @ W_i.T for `count` matrices sharing x (same K and group) in one parallel pass over all
 // their tiles; y_i is M x n_i (fp32 or bf16).

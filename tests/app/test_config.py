@@ -57,6 +57,13 @@ def test_bad_files_name_file_and_key_and_are_left_alone(tmp_path, text, fragment
 def test_bad_environment_values_are_named():
     with pytest.raises(ConfigError, match="environment variable LLAMA_CHAT_GUARD_ENABLED: guard.enabled must be true or false"):
         load_config(env={"LLAMA_CHAT_GUARD_ENABLED": "maybe"})
+    with pytest.raises(ConfigError, match="LLAMA_CHAT_GUARD_MODEE: unknown key 'modee' in \\[guard\\]"):
+        load_config(env={"LLAMA_CHAT_GUARD_MODEE": "fast"})  # a typo in a setting's name is still caught
+
+
+def test_other_llama_chat_variables_are_not_settings():
+    env = {"LLAMA_CHAT_DEBUG": "1", "LLAMA_CHAT_KERNEL": "torch", "LLAMA_CHAT_HOME": "/tmp/x", "LLAMA_CHAT_GUARD_MODE": "fast"}
+    assert load_config(env=env).guard.mode == "fast"
 
 
 def test_presets_ship_and_user_presets_win(tmp_path):

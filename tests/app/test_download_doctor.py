@@ -50,6 +50,17 @@ def test_doctor_reports_device_models_and_locations(tmp_path):
     r = subprocess.run([sys.executable, "-m", "app.cli", "doctor"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "device        cpu" in r.stdout and "torch" in r.stdout
-    assert "int8/int4     AVX512-VNNI kernel" in r.stdout or "int8/int4     PyTorch's kernels (" in r.stdout
+    from model.qkernel import variant
+
+    assert f"int8/int4     native {variant()} kernel" in r.stdout if variant() else "PyTorch's kernels (" in r.stdout
+
+
+def test_doctor_names_the_forced_kernel_and_a_slow_mode(tmp_path):
+    env = {**os.environ, "LLAMA_CHAT_KERNEL": "torch", "LLAMA_CHAT_MODEL_QUANTIZE": "int4",
+           "LLAMA_CHAT_MODEL_DTYPE": "float32"}
+    r = subprocess.run([sys.executable, "-m", "app.cli", "doctor"], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "int8/int4     PyTorch's kernels (LLAMA_CHAT_KERNEL=torch asks for PyTorch's kernels)" in r.stdout
+    assert "weights       bf16 (asked: int4) - --quantize int4 needs the native int8/int4 kernel" in r.stdout
     assert "chat model    meta-llama/Llama-3.2-1B-Instruct: missing" in r.stdout
     assert "guard         on" in r.stdout and str(tmp_path / "home" / "data" / "history.sqlite3") in r.stdout

@@ -140,7 +140,7 @@ def test_engine_reads_the_chat_models_cached_weights_while_the_guard_loads(tmp_p
     config = Config()
     config.model.source, config.model.device, config.model.dtype = str(tiny_llama_dir), "cpu", "bfloat16"
     config.model.quantize, config.model.compile = "int4", "off"
-    config.guard.source = str(tiny_guard_dir)
+    config.guard.source, config.guard.precision = str(tiny_guard_dir), "bf16"  # the chat model's read alone
     assert Engine.load(config, use_guard=False).runner.model.quant_cache == "built"  # a first start
 
     events = []

@@ -29,18 +29,18 @@ def ids(llama_tokenizer):
     return llama_tokenizer("The quick brown fox jumps over the lazy dog. " * 4)["input_ids"]
 
 
-@pytest.mark.parametrize("kernel_name", ["vnni", "torch"])
+@pytest.mark.parametrize("kernel_name", ["native", "torch"])
 @pytest.mark.parametrize("mode, tolerance", [("int8", 0.03), ("int4", 0.12), ("int4-fast", 0.2)])
 def test_quantized_layers_track_the_original(tiny_llama_dir, ids, mode, tolerance, kernel_name):
     from transformers import AutoModelForCausalLM
 
-    if kernel_name == "vnni" and (why := available()):
+    if kernel_name == "native" and (why := available()):
         pytest.skip(why)
     ref = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
     q = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
     layout = quantize_model(q, mode, kernel_name)
     head, down = q.get_output_embeddings(), q.model.layers[0].mlp.down_proj
-    if kernel_name == "vnni":
+    if kernel_name == "native":
         assert isinstance(head, QLinear) and isinstance(down, QLinear)
         assert (head.bits, down.bits) == ({"int8": 8, "int4": 8, "int4-fast": 4}[mode], 8 if mode == "int8" else 4)
         assert head.float_out and not down.float_out  # logits in fp32
@@ -72,7 +72,7 @@ def test_cache_build_reuse_and_rebuild_after_corruption(tiny_llama_dir, tmp_path
     second = Runner.load(str(tiny_llama_dir), device="cpu", dtype="bfloat16", quantize="int4", cache_folder=cache,
                          progress=said.append)
     assert second.model.quant_cache == "hit" and len(said) == 1
-    if kernel() == "vnni":  # every weight in one buffer, on 2 MB page boundaries (huge pages where allowed)
+    if kernel() == "native":  # every weight in one buffer, on 2 MB page boundaries (huge pages where allowed)
         bases = {m.packed.untyped_storage().data_ptr() for m in second.model.modules() if isinstance(m, QLinear)}
         assert len(bases) == 1
         assert second.model.model.layers[0].mlp.up_proj.packed.data_ptr() % 64 == 0
@@ -169,15 +169,31 @@ def test_auto_is_int4_on_the_cpu_where_a_fast_kernel_runs_it(monkeypatch):
     import model.quant
     from model.device import pick_quantize
 
-    monkeypatch.setattr(model.quant, "kernel", lambda: "vnni")
+    monkeypatch.setattr(model.quant, "kernel", lambda: "native")
     assert pick_quantize("auto", "cpu", torch.bfloat16) == "int4"
-    assert pick_quantize("auto", "cpu", torch.float32) == "int4"  # the VNNI kernel takes fp32 activations too
+    assert pick_quantize("auto", "cpu", torch.float32) == "int4"  # the native kernels take fp32 activations too
     assert pick_quantize("auto", "cuda:0", torch.bfloat16) == "bf16"  # the modes are CPU kernels
     assert pick_quantize("auto", "cpu", torch.float16) == "bf16"  # for bf16 or fp32 activations
     assert pick_quantize("int8", "cpu", torch.bfloat16) == "int8"  # what was asked for, as asked
-    monkeypatch.setattr(model.quant, "kernel", lambda: "torch")  # no AVX512-VNNI: PyTorch's int4 kernel
+    monkeypatch.setattr(model.quant, "kernel", lambda: "torch")  # no native kernel: PyTorch's int4 kernel
     assert pick_quantize("auto", "cpu", torch.bfloat16) == "int4"
     assert pick_quantize("auto", "cpu", torch.float32) == "bf16"  # it is slow with fp32 activations
+
+
+def test_an_explicit_mode_that_would_be_slow_loads_unquantized_and_says_why(monkeypatch, tiny_llama_dir):
+    import model.quant
+    from model.device import quantize_note
+
+    monkeypatch.setattr(model.quant, "kernel", lambda: "native")
+    assert quantize_note("int4", "cpu", torch.float32) == ("int4", "")
+    monkeypatch.setattr(model.quant, "kernel", lambda: "torch")
+    assert quantize_note("int4", "cpu", torch.bfloat16) == ("int4", "")  # PyTorch's kernel is fast in bf16
+    mode, note = quantize_note("int8", "cpu", torch.float32)
+    assert mode == "bf16" and "--quantize int8 needs the native int8/int4 kernel" in note and "slower" in note
+    said = []
+    runner = Runner.load(str(tiny_llama_dir), device="cpu", dtype="float32", quantize="int4", progress=said.append)
+    assert runner.quantize == "bf16" and runner.quantize_note in said and "--quantize int4" in runner.quantize_note
+    assert not any(isinstance(m, (QLinear, Int4Linear, Int8Linear)) for m in runner.model.modules())
 
 
 def test_quantized_modes_refuse_other_devices(tiny_llama_dir):

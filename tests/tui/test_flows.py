@@ -39,7 +39,7 @@ def test_send_streams_a_screened_reply_and_lists_the_chat(present_model, tiny_ru
         app = LlamaChatApp(make_config(present_model), engine_loader=real_loader(tiny_runner, tiny_guard), animate=False)
         async with app.run_test(size=(100, 30)) as pilot:
             await wait_for(pilot, lambda: app.session.engine is not None)
-            assert app.guard_state == "on"
+            assert app.guard_state == "on fp32"  # the tiny guard, unquantized
             await send(pilot, app, "Tell me about bread.")
             user, reply = views(app)
             assert user.text == "Tell me about bread." and user.verdicts[0]["safe"] and user.message_id

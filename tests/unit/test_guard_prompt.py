@@ -121,3 +121,35 @@ def test_verdict_with_only_excluded_codes_is_safe():
     assert parse_verdict("unsafe\nS6,S7", allowed, excluded=("S6", "S7")).safe
     mixed = parse_verdict("unsafe\nS6,S2", allowed, excluded=("S6", "S7"))
     assert not mixed.safe and mixed.categories == ("S2",)
+
+
+def test_streaming_checks_follow_the_guards_speed(monkeypatch):
+    """With guard_share, the interval between checks grows until checks take about that share of the
+    reply's time (bounded), and strict mode still releases only text that a check passed."""
+    import guard.stream
+    from guard.stream import MAX_STRETCH, Release, StreamModerator
+    from tests.helpers.scripted import ScriptedGuard  # its verdicts say 42 ms a check
+
+    clock = [0.0]
+    monkeypatch.setattr(guard.stream.time, "perf_counter", lambda: clock[0])
+
+    def stream(**kw):
+        m = StreamModerator(ScriptedGuard(), [{"role": "user", "content": "Hi"}], mode="strict", check_every=8, **kw)
+        shown, checked_at = "", []
+        for i in range(100):
+            clock[0] += 0.01  # the model writes 100 tokens a second
+            before = len(m.verdicts)
+            shown += "".join(e.text for e in m.feed("word ") if isinstance(e, Release))
+            if len(m.verdicts) > before:
+                checked_at.append(i + 1)
+                assert shown == m.text  # what is shown is exactly what was checked
+            else:
+                assert len(shown) < len(m.text)  # nothing unchecked is shown
+        m.finish()
+        return checked_at, m
+
+    fixed, _ = stream()
+    assert fixed == list(range(8, 101, 8))
+    adaptive, m = stream(guard_share=0.1)
+    # 100 tok/s x 42 ms / 0.1 = 42 tokens, bounded by MAX_STRETCH x check_every = 32
+    assert adaptive == [8, 40, 72] and m.interval == MAX_STRETCH * 8 and len(m.verdicts) == 4

@@ -1,0 +1,50 @@
+"""Which kernel variant a CPU gets (model.qkernel.pick_variant), the LLAMA_CHAT_KERNEL override, and the
+ABI check on the built library."""
+
+from __future__ import annotations
+
+import pytest
+
+from model import qkernel
+from model.qkernel import Unavailable, pick_variant
+
+ZEN4 = {"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"}
+ZEN3 = {"avx2", "fma", "f16c"}
+GRAVITON = {"fp", "asimd", "asimddp", "i8mm"}
+
+
+def test_the_fastest_variant_the_cpu_has():
+    assert pick_variant("", "x86_64", ZEN4) == "avx512"
+    assert pick_variant("", "x86_64", ZEN3) == "avx2"
+    assert pick_variant("", "aarch64", GRAVITON) == "neon"
+    with pytest.raises(Unavailable, match="needs AVX2 \\+ FMA, AVX512-VNNI or NEON"):
+        pick_variant("", "x86_64", {"sse4_2", "avx"})
+    with pytest.raises(Unavailable, match="none of the kernels"):
+        pick_variant("", "aarch64", {"fp", "asimd"})  # Cortex-A72 (Raspberry Pi 4): no dot product
+
+
+def test_the_override_forces_a_variant_the_cpu_has():
+    assert pick_variant("avx2", "x86_64", ZEN4) == "avx2"  # every AVX-512 machine tests both x86 variants
+    assert pick_variant("AVX512", "x86_64", ZEN4) == "avx512"
+    with pytest.raises(Unavailable, match="LLAMA_CHAT_KERNEL=avx512 asks for the avx512 kernel, but this CPU lacks avx512f"):
+        pick_variant("avx512", "x86_64", ZEN3)
+    with pytest.raises(Unavailable, match="but this is a x86_64 CPU"):
+        pick_variant("neon", "x86_64", ZEN4)
+    with pytest.raises(Unavailable, match="asks for PyTorch's kernels"):
+        pick_variant("torch", "x86_64", ZEN4)
+    with pytest.raises(Unavailable, match="LLAMA_CHAT_KERNEL=sse is not a kernel: use avx512, avx2, neon or torch"):
+        pick_variant("sse", "x86_64", ZEN4)
+
+
+def test_a_library_of_another_abi_is_refused_and_deleted(kernel_variant, monkeypatch):
+    from model.qcache import app_cache_folder
+
+    built_for = qkernel.ABI
+    qkernel._entry_point.cache_clear()
+    monkeypatch.setattr(qkernel, "ABI", built_for + 1)
+    try:
+        why = qkernel.available()
+        assert f"is ABI {built_for} {kernel_variant}, not ABI {built_for + 1} {kernel_variant}" in why
+        assert not list((app_cache_folder() / "kernels").glob("*.so"))  # built again next time
+    finally:
+        qkernel._entry_point.cache_clear()
