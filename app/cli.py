@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from app.errors import ConfigError, LlamaChatError
@@ -42,6 +43,17 @@ def _model_options(p: argparse.ArgumentParser, *, defaults: bool = True) -> None
                         "(the guard: --guard-precision)", **kw)
 
 
+def record_id(text: str) -> int:
+    """A conversation id as SQLite stores it: a whole number from 1 to 2^63 - 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a conversation id; `llama-chat history list` shows them")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llama-chat", description="A private, guarded chat app for Llama 3.2. Built with Llama.")
     _model_options(p)
@@ -53,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     sys_group.add_argument("--system", help="system prompt text")
     sys_group.add_argument("--preset", help="system prompt preset name")
     conv = ask.add_mutually_exclusive_group()
-    conv.add_argument("--conversation", type=int, metavar="ID", help="continue this conversation")
+    conv.add_argument("--conversation", type=record_id, metavar="ID", help="continue this conversation")
     conv.add_argument("--continue", dest="cont", action="store_true", help="continue the latest conversation")
     ask.add_argument("--temperature", type=float)
     ask.add_argument("--max-new-tokens", type=int)
@@ -66,16 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
     hl = hsub.add_parser("list", help="conversations, newest first")
     hl.add_argument("--json", action="store_true")
     hs = hsub.add_parser("show", help="one conversation with its messages and verdicts")
-    hs.add_argument("id", type=int)
+    hs.add_argument("id", type=record_id)
     hs.add_argument("--json", action="store_true")
     hq = hsub.add_parser("search", help="full-text search")
-    hq.add_argument("text")
+    hq.add_argument("text", help="words to find (each also as a prefix)")
+    hq.add_argument("--limit", type=int, default=None, help="at most this many conversations (default: all)")
+    hq.add_argument("--offset", type=int, default=0, help="skip this many first (with --limit: the next page)")
     hq.add_argument("--json", action="store_true")
     he = hsub.add_parser("export", help="print a conversation as Markdown or JSON")
-    he.add_argument("id", type=int)
+    he.add_argument("id", type=record_id)
     he.add_argument("--format", choices=("md", "json"), default="md")
     hd = hsub.add_parser("delete", help="delete a conversation (and its search entries)")
-    hd.add_argument("id", type=int)
+    hd.add_argument("id", type=record_id)
 
     dl = sub.add_parser("download", help="download the models from Hugging Face (the only network use)")
     dl.add_argument("--model", default=None, help="chat model repo id (default: the configured one)")
@@ -143,9 +157,11 @@ def main(argv=None) -> int:
         return EXIT_FAIL
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): nothing more to say, and no one to say it to
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush would fail again
+        return EXIT_OK
     except Exception as e:  # a bug, not a user mistake: say so briefly; LLAMA_CHAT_DEBUG=1 shows the traceback
-        import os
-
         if os.environ.get("LLAMA_CHAT_DEBUG"):
             raise
         print(f"llama-chat: unexpected error: {type(e).__name__}: {e} (set LLAMA_CHAT_DEBUG=1 for details)",
@@ -171,7 +187,15 @@ def cmd_tui(args) -> int:
 
 
 def _read_prompt(args) -> str:
-    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.prompt == "-":
+        data = sys.stdin.buffer.read()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"Standard input is not UTF-8 text (byte {e.start} is {data[e.start:e.start + 1]!r}). "
+                             "Convert it first, e.g. with iconv -t UTF-8.") from None
+    else:
+        text = args.prompt
     if not text.strip():
         raise UsageError("No message given: pass it as an argument or on standard input.")
     return text
@@ -245,7 +269,7 @@ def cmd_history(args) -> int:
         conv = history.get_conversation(args.id)
         print(json.dumps(conv.to_dict(), ensure_ascii=False, indent=2) if args.json else to_markdown(conv), end="\n")
     elif args.action == "search":
-        hits = history.search(args.text)
+        hits = history.search(args.text, limit=args.limit, offset=max(args.offset, 0))
         if args.json:
             print(json.dumps(hits, ensure_ascii=False))
         for h in [] if args.json else hits:

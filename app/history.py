@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import stat
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -92,10 +93,17 @@ def _m003_verdict_precision(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE verdicts ADD COLUMN precision TEXT NOT NULL DEFAULT ''")
 
 
+def _m004_writer_started(db: sqlite3.Connection) -> None:
+    """When a streaming reply's writer process started: with its pid, a live process that reused a dead
+    writer's pid is not taken for the writer (history.process_start)."""
+    db.execute("ALTER TABLE messages ADD COLUMN writer_started INTEGER")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = [
     ("001_initial", _m001_initial),
     ("002_search", _m002_search),
     ("003_verdict_precision", _m003_verdict_precision),
+    ("004_writer_started", _m004_writer_started),
 ]
 
 
@@ -134,7 +142,19 @@ class Conversation:
         return d
 
 
-def _pid_alive(pid: int | None) -> bool:
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot, /proc/PID/stat), or None where that is unknown:
+    with its pid it names one process, even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return int(f.read().rpartition(")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _writer_alive(pid: int | None, started: int | None) -> bool:
+    """Whether the process that wrote a streaming reply still runs: its pid is alive and, where start times
+    are known, started when the writer did (a dead writer's pid may belong to another process now)."""
     if not pid:
         return False
     try:
@@ -142,8 +162,8 @@ def _pid_alive(pid: int | None) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    return started is None or process_start(pid) in (None, started)
 
 
 def title_from(text: str, limit: int = 60) -> str:
@@ -157,20 +177,26 @@ class History:
     def __init__(self, path: Path | None = None):
         self.path = Path(path) if path else database_file()
         private_dir(self.path.parent)
+        # A file its owner made read-only stays so: it is opened for reading, and storing says why it cannot.
+        mode = self.path.stat().st_mode if self.path.exists() else None
+        self.read_only = mode is not None and not mode & stat.S_IWUSR
         old_umask = os.umask(0o077)  # the database, its WAL and shm files: owner only
         try:
-            self.db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
+            uri = f"{self.path.resolve().as_uri()}{'?mode=ro' if self.read_only else ''}"
+            self.db = sqlite3.connect(uri, uri=True, timeout=10.0, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as e:
             raise HistoryError(f"Cannot open the history database {self.path}: {e}") from e
         finally:
             os.umask(old_umask)
-        os.chmod(self.path, 0o600)
+        if mode is None or mode & 0o077:
+            os.chmod(self.path, (mode or 0o600) & 0o700)  # owner only; the owner's own bits as they were
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.execute("PRAGMA busy_timeout=10000")
-        self.migrate()
-        self.mark_interrupted()
+        if not self.read_only:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.migrate()
+            self.mark_interrupted()
 
     def close(self) -> None:
         self.db.close()
@@ -178,6 +204,10 @@ class History:
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """A short write transaction, taking the write lock up front so two instances never deadlock."""
+        if self.read_only:
+            raise HistoryError(f"The history file {self.path} is read-only, so nothing can be stored or changed; "
+                               f"it was left as it is. To store chats again: chmod u+w {self.path}",
+                               title="History is read-only")
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db
@@ -204,12 +234,12 @@ class History:
 
     def mark_interrupted(self) -> int:
         """Replies left `streaming` by a process that is gone become `interrupted`."""
-        rows = self.db.execute("SELECT id, writer_pid FROM messages WHERE status = 'streaming'").fetchall()
-        dead = [r["id"] for r in rows if not _pid_alive(r["writer_pid"])]
+        rows = self.db.execute("SELECT id, writer_pid, writer_started FROM messages WHERE status = 'streaming'").fetchall()
+        dead = [r["id"] for r in rows if not _writer_alive(r["writer_pid"], r["writer_started"])]
         if dead:
             with self.write() as db:
-                db.executemany("UPDATE messages SET status = 'interrupted', writer_pid = NULL WHERE id = ?",
-                               [(i,) for i in dead])
+                db.executemany("UPDATE messages SET status = 'interrupted', writer_pid = NULL, writer_started = NULL"
+                               " WHERE id = ?", [(i,) for i in dead])
         return len(dead)
 
     # -- conversations ---------------------------------------------------------------------------
@@ -273,9 +303,9 @@ class History:
         pid = os.getpid() if status == "streaming" else None
         with self.write() as db:
             cur = db.execute(
-                "INSERT INTO messages (conversation_id, role, content, status, guarded, writer_pid, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (conversation_id, role, content, status, int(guarded), pid, now, now),
+                "INSERT INTO messages (conversation_id, role, content, status, guarded, writer_pid, writer_started,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (conversation_id, role, content, status, int(guarded), pid, pid and process_start(pid), now, now),
             )
             self._touch(db, conversation_id)
             return cur.lastrowid
@@ -329,7 +359,8 @@ class History:
         codes = json.loads(v["categories"])
         return {"stage": v["stage"], "safe": bool(v["safe"]), "categories": codes,
                 "category_names": [display_name(c) for c in codes], "score": v["score"], "latency_s": v["latency_s"],
-                "guard_model": v["guard_model"], "reason": v["reason"], "precision": v["precision"]}
+                "guard_model": v["guard_model"], "reason": v["reason"],
+                "precision": v["precision"] if "precision" in v.keys() else ""}  # a read-only file may be older
 
     def delete_messages_from(self, message_id: int) -> None:
         """Delete a message and every later message of its conversation (an edit replaces the branch)."""
@@ -341,26 +372,24 @@ class History:
             self._touch(db, row[0])
 
     # -- search and export -----------------------------------------------------------------------
-    def search(self, text: str, limit: int = 50) -> list[dict]:
-        """Conversations whose messages match all words of `text` (FTS5; operators are taken literally)."""
+    def search(self, text: str, limit: int | None = None, offset: int = 0) -> list[dict]:
+        """Every conversation with a message that matches all words of `text` (FTS5; each word also matches
+        as a prefix, `Pari` finds `Paris`; operators are taken literally), best match first, one row per
+        conversation with its best message and a snippet; `limit`/`offset` page through them."""
         terms = [t.replace('"', '""') for t in text.split()]
         if not terms:
             return []
-        query = " ".join(f'"{t}"' for t in terms)
+        query = " ".join(f'"{t}"*' for t in terms)
         rows = self.db.execute(
-            "SELECT m.conversation_id AS cid, c.title AS title, m.id AS mid,"
-            " snippet(messages_fts, 0, '[', ']', '…', 12) AS snippet"
-            " FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid"
-            " JOIN conversations c ON c.id = m.conversation_id"
-            " WHERE messages_fts MATCH ? ORDER BY rank LIMIT ?",
-            (query, limit),
+            "WITH hits AS (SELECT m.conversation_id AS cid, m.id AS mid, messages_fts.rank AS rank,"
+            "   snippet(messages_fts, 0, '[', ']', '…', 12) AS snippet"
+            "   FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid WHERE messages_fts MATCH ?),"
+            " best AS (SELECT *, ROW_NUMBER() OVER (PARTITION BY cid ORDER BY rank, mid) AS n FROM hits)"
+            " SELECT best.cid, c.title, best.mid, best.snippet FROM best JOIN conversations c ON c.id = best.cid"
+            " WHERE n = 1 ORDER BY rank, best.cid DESC LIMIT ? OFFSET ?",
+            (query, -1 if limit is None else limit, offset),
         ).fetchall()
-        seen, out = set(), []
-        for r in rows:
-            if r["cid"] not in seen:
-                seen.add(r["cid"])
-                out.append({"conversation_id": r["cid"], "title": r["title"], "message_id": r["mid"], "snippet": r["snippet"]})
-        return out
+        return [{"conversation_id": r[0], "title": r[1], "message_id": r[2], "snippet": r[3]} for r in rows]
 
     def export(self, conversation_id: int, fmt: str = "md") -> str:
         conv = self.get_conversation(conversation_id)

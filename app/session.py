@@ -8,6 +8,7 @@ whose reply completed (or was stopped) and passed.
 
 from __future__ import annotations
 
+import datetime as _dt
 import threading
 import time
 from dataclasses import dataclass, field
@@ -206,14 +207,17 @@ class ChatSession:
             raise SessionError("The message is empty.")
         self._require_engine()
         with self._busy:
+            exchange = self.context() + [{"role": "user", "content": text}]
+            # A message the model cannot take is refused before it is stored or screened (a 1 MB message
+            # took the guard 92 windows before the runner refused it).
+            self.engine.runner.fit(self._model_messages(exchange), date=_dt.date.today(),
+                                   max_new_tokens=self.config.generation.max_new_tokens)
             if self.conversation_id is None:
                 self.conversation_id = self.history.create_conversation(
                     text, system_prompt=self.system_prompt, model=self.engine.model_name)
-            context = self.context()
             user_id = self.history.add_message(self.conversation_id, "user", text, status="streaming",
                                                guarded=self.guarded)
             yield UserStored(user_id, text)
-            exchange = context + [{"role": "user", "content": text}]
             if self.guarded:
                 verdict = self.engine.guard.check(exchange, stage="input")
                 self.history.add_verdict(user_id, verdict)
@@ -262,10 +266,13 @@ class ChatSession:
                                             guarded=self.guarded)
         moderator = StreamModerator(guard, exchange, mode=g.mode, check_every=g.check_every,
                                     guard_share=GUARD_SHARE) if guard else None
-        generated, shown, last_write, failed = "", "", time.monotonic(), None
+        generated, shown, last_write, failed, stored = "", "", time.monotonic(), None, 0
 
         def handle(events):
-            nonlocal shown, failed
+            nonlocal shown, failed, stored
+            for v in moderator.verdicts[stored:] if moderator else ():  # as each check is made: a killed
+                self.history.add_verdict(reply_id, v)  # process leaves the checks of what it showed
+            stored = len(moderator.verdicts) if moderator else 0
             for e in events:
                 if isinstance(e, Release):
                     shown += e.text
@@ -293,8 +300,6 @@ class ChatSession:
             yield Done(reply_id, "error", shown)
             return
         stats = runner.last_stats.to_dict() if runner.last_stats else {}
-        for v in moderator.verdicts if moderator else ():
-            self.history.add_verdict(reply_id, v)
         if moderator and moderator.verdicts:
             stats["guard_s"] = round(sum(v.latency_s for v in moderator.verdicts), 4)
             yield Screened(reply_id, moderator.verdicts[-1])

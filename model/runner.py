@@ -164,14 +164,18 @@ class Runner:
 
     def fit(self, messages: Sequence[dict], *, date, max_new_tokens: int) -> tuple[list[int], int]:
         """Prompt ids that leave room for the reply, dropping the oldest turns (never the system
-        prompt, never the last message). Returns the ids and how many messages were dropped."""
+        prompt, never the last message). Returns the ids and how many messages were dropped.
+        The room kept is max_new_tokens, but at least MIN_REPLY_TOKENS (a smaller one would let the
+        prompt grow until no reply fits) and at most half the window (a larger one would drop all history
+        on every turn); the reply may still run on to the window's end."""
         messages = list(messages)
         head = messages[:1] if messages and messages[0]["role"] == "system" else []
         body = messages[len(head):]
         dropped = 0
+        room = min(max(max_new_tokens, MIN_REPLY_TOKENS), self.context_window // 2)
         while True:
             ids = encode_chat(self.tokenizer, head + body, date=date, reply_ids=self._replies)
-            if len(ids) + max_new_tokens <= self.context_window or len(body) <= 1:
+            if len(ids) + room <= self.context_window or len(body) <= 1:
                 break
             cut = 2 if len(body) > 2 and body[1]["role"] == "assistant" else 1
             body, dropped = body[cut:], dropped + cut

@@ -118,6 +118,27 @@ def test_kill_9_mid_reply_keeps_message_and_partial_reply(tiny_llama_dir):
 
 
 @pytest.mark.slow
+def test_kill_9_mid_reply_keeps_the_checks_of_what_was_shown(tiny_llama_dir, tiny_guard_dir):
+    env = {**os.environ, "LLAMA_CHAT_GUARD_CHECK_EVERY": "8"}
+    p = subprocess.Popen([sys.executable, "-m", "app.cli", "ask", "--model", str(tiny_llama_dir), "--guard-model",
+                          str(tiny_guard_dir), "--guard-precision", "bf16", "--max-new-tokens", "7000",
+                          "Write a very long story."], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
+    os.set_blocking(p.stdout.fileno(), False)
+    seen, deadline = b"", time.monotonic() + 120
+    while len(seen) < 200 and time.monotonic() < deadline:
+        seen += p.stdout.read() or b""
+        time.sleep(0.05)
+    time.sleep(1.0)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert len(seen) >= 200, "the reply never started streaming"
+    user, reply = json.loads(run("history", "show", "1", "--json").stdout)["messages"]
+    assert [v["stage"] for v in user["verdicts"]] == ["input"]
+    output = [v for v in reply["verdicts"] if v["stage"] == "output"]
+    assert reply["status"] == "interrupted" and output and all(v["safe"] for v in output)
+
+
+@pytest.mark.slow
 def test_demo_mode_is_labelled(smollm2_gguf):
     r = run("ask", "--demo", "--temperature", "0", "--max-new-tokens", "12", "Hi!")
     assert r.returncode == 0 and "SmolLM2-135M-Instruct" in r.stderr and "unguarded" in r.stderr

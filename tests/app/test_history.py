@@ -13,6 +13,7 @@ import pytest
 
 from app.errors import HistoryError
 from app.history import MIGRATIONS, History
+from bench.history import fill
 from guard.verdict import Verdict
 
 
@@ -134,3 +135,54 @@ def test_two_instances_writing_at_once_lose_nothing(tmp_path):
     assert h.db.execute("SELECT COUNT(*) FROM messages WHERE content LIKE '% edited'").fetchone()[0] == 300
     assert len(h.search("edited", limit=500)) == 2
     assert h.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+@pytest.mark.slow
+def test_search_returns_every_matching_conversation_at_scale(tmp_path):
+    h = History(tmp_path / "h.sqlite3")
+    want = fill(h, 1000, 100, 2)  # 100k messages, 500 conversations mention Paris
+    hits = h.search("paris")
+    assert {x["conversation_id"] for x in hits} == want and len(hits) == len(want)  # one row each, none missing
+    assert all("[Paris]" in x["snippet"] for x in hits)
+    pages = [h.search("paris", limit=200, offset=o) for o in (0, 200, 400)]
+    assert [len(p) for p in pages] == [200, 200, 100] and sum(pages, []) == hits  # pages in the same order
+
+
+def test_search_matches_word_prefixes(tmp_path):
+    h = History(tmp_path / "h.sqlite3")
+    want = fill(h, 6, 4, 3)
+    assert {x["conversation_id"] for x in h.search("Pari")} == want
+    assert {x["conversation_id"] for x in h.search("capital fra")} == want  # every word, each a prefix
+    assert h.search("Parisian") == []
+
+
+def test_a_read_only_history_file_is_read_never_changed():
+    from app.paths import database_file
+
+    path = database_file()
+    h = History(path)
+    cid = h.create_conversation("Paris trip")
+    h.add_message(cid, "user", "What to see in Paris?")
+    h.close()
+    os.chmod(path, 0o400)
+    before = path.read_bytes()
+    ro = History(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o400  # not set back to 0600
+    assert [c.title for c in ro.list_conversations()] == ["Paris trip"] and ro.search("paris")
+    with pytest.raises(HistoryError, match="is read-only, so nothing can be stored") as e:
+        ro.add_message(cid, "user", "more")
+    assert f"chmod u+w {path}" in e.value.message
+    ro.close()
+    assert path.read_bytes() == before
+    r = subprocess.run([sys.executable, "-m", "app.cli", "history", "list"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "Paris trip" in r.stdout and path.read_bytes() == before
+
+
+def test_a_reused_writer_pid_does_not_keep_a_reply_streaming(tmp_path):
+    h = History(tmp_path / "h.sqlite3")
+    cid = h.create_conversation("x")
+    dead = h.add_message(cid, "assistant", "partial", status="streaming")
+    with h.write() as db:  # its writer died and this live process now has that pid
+        db.execute("UPDATE messages SET writer_started = writer_started - 1 WHERE id = ?", (dead,))
+    h.add_message(cid, "assistant", "still writing", status="streaming")  # this process writes it
+    assert [m.status for m in History(h.path).messages(cid)] == ["interrupted", "streaming"]

@@ -151,3 +151,14 @@ def test_engine_reads_the_chat_models_cached_weights_while_the_guard_loads(tmp_p
     engine = Engine.load(config, use_guard=True)
     assert engine.runner.model.quant_cache == "hit" and engine.guard is not None
     assert events.index("prefetch") < events.index("guard") and events.count("read") == 1  # one read, started first
+
+
+def test_a_message_too_long_for_the_model_is_refused_before_screening(tmp_path, tiny_runner, tiny_guard, monkeypatch):
+    from model.errors import ContextError
+
+    s = make_session(tmp_path, tiny_runner, tiny_guard)
+    checks = []
+    monkeypatch.setattr(tiny_guard, "check", lambda *a, **k: checks.append(a))
+    with pytest.raises(ContextError, match="does not fit the 8192-token context window"):
+        list(s.send("word " * 200_000))  # ~1 MB
+    assert checks == [] and s.history.list_conversations() == []  # not screened, nothing stored

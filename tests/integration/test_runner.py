@@ -198,6 +198,22 @@ def test_context_trimming_drops_oldest_turns_never_the_system_prompt(tiny_runner
         reply(r, chat("word " * 400))
 
 
+def test_trimming_at_the_extremes_of_max_new_tokens_keeps_what_fits(tiny_runner_factory):
+    r = tiny_runner_factory(context_window=256)
+    turns = [f"Turn {i}: " + "word " * 12 for i in range(30)]  # ~600 tokens of history
+    msgs = chat(*turns, "Last question?")
+    # a reply budget below MIN_REPLY_TOKENS: the prompt is still trimmed to leave room for a reply, turn after turn
+    for _ in range(3):
+        ids, dropped = r.fit(msgs, date=DATE, max_new_tokens=4)
+        assert len(ids) + 16 <= 256 and 0 < dropped < len(msgs) - 1
+        msgs = msgs + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "And then? " + "word " * 20}]
+    # a reply budget of the whole window: half the window is kept for history, not none of it
+    ids, dropped = r.fit(msgs, date=DATE, max_new_tokens=10_000)
+    assert len(msgs) - dropped >= 3 and 64 < len(ids) <= 128
+    reply(r, msgs, sampling=Sampling(temperature=0, max_new_tokens=10_000))
+    assert r.last_stats.prompt_tokens + r.last_stats.new_tokens <= 256
+
+
 def test_stream_is_correct_for_multibyte_text(tiny_runner_factory):
     r = tiny_runner_factory()
     deltas = list(r.stream(chat("สวัสดี नमस्ते 👩‍👩‍👧"), sampling=Sampling(temperature=1.0, seed=3, max_new_tokens=60),
