@@ -25,11 +25,15 @@ def main(argv=None) -> int:
     p.add_argument("--quantize", required=True, choices=("int8", "int4", "int4-fast"))
     p.add_argument("--model", default=None, help="checkpoint (default: the SmolLM2 demo model)")
     p.add_argument("--tokens", type=int, default=64, help="reference tokens per prompt")
+    p.add_argument("--dtype", default="auto", help="the quantized model's activations: auto (as the app runs it on "
+                                                   "this CPU: bf16 where the CPU has native bf16, else fp32), bfloat16 "
+                                                   "or float32")
     args = p.parse_args(argv)
 
     import torch
 
-    from model.device import configure_threads
+    from model.device import configure_threads, pick_dtype
+    from model.qkernel import variant
     from model.loading import load_model, load_tokenizer, resolve_source
     from model.prompt import encode_chat
     from model.quant import kernel, quantize_model
@@ -77,9 +81,13 @@ def main(argv=None) -> int:
 
     bf16 = load_model(source, torch.bfloat16).eval()
     bf16_agreement, (bf16_decode, _) = agreement(top1(bf16)), decode_top1(bf16)
-    quantize_model(bf16, args.quantize)
-    decode, step = decode_top1(bf16)
-    emit({"model": source.name, "quantize": args.quantize, "kernel": kernel(), "agreement": agreement(top1(bf16)),
+    del bf16
+    dtype = pick_dtype(args.dtype, "cpu")
+    quantized = load_model(source, dtype).eval()
+    quantize_model(quantized, args.quantize)
+    decode, step = decode_top1(quantized)
+    emit({"model": source.name, "quantize": args.quantize, "kernel": kernel(), "kernel_variant": variant(),
+          "activations": str(dtype).removeprefix("torch."), "agreement": agreement(top1(quantized)),
           "bf16_agreement": bf16_agreement, "decode_agreement": agreement(decode), "decode_step": step,
           "bf16_decode_agreement": agreement(bf16_decode), "prompts": len(PROMPTS), "tokens_per_prompt": args.tokens,
           **env_note()})
