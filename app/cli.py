@@ -16,7 +16,7 @@ from app.errors import ConfigError, LlamaChatError
 from model import QUANTIZE_MODES
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INPUT_BLOCKED, EXIT_REPLY_BLOCKED = 0, 1, 2, 3, 4
-DEMO_NOTE = "demo: SmolLM2-135M-Instruct, a small non-Llama model, running unguarded (no Llama Guard)"
+DEMO_NOTE = "demo: SmolLM2-135M-Instruct, a small non-Llama model"
 
 
 class UsageError(LlamaChatError):
@@ -218,11 +218,13 @@ def cmd_ask(args) -> int:
         session.set_system_prompt(args.system)
     elif args.preset:
         session.set_system_prompt(config.preset(args.preset))
+    session.engine = Engine.load(config, use_guard=config.guard.enabled, demo=args.demo)
+    # said once the models are loaded: a guard that fails to load stops everything before this
     if args.demo:
-        print(DEMO_NOTE, file=sys.stderr)
+        print(f"{DEMO_NOTE}, {'screened by ' + config.guard.source if config.guard.enabled else 'running unguarded (no Llama Guard)'}",
+              file=sys.stderr)
     elif not config.guard.enabled:
         print("llama-chat: guard off: this reply is not screened by Llama Guard (stored as unguarded)", file=sys.stderr)
-    session.engine = Engine.load(config, use_guard=config.guard.enabled, demo=args.demo)
     if session.conversation_id is not None:
         session.open(session.conversation_id)
     out = {"reply": "", "status": "", "verdicts": [], "stats": {}}

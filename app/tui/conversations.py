@@ -113,13 +113,40 @@ class ConversationsMixin:
         self.push_screen(ConfirmScreen(f"Delete “{title}” and all its messages?"), confirmed)
 
     def action_export_conversation(self) -> None:
+        """Markdown and JSON copies in the data folder's exports/, readable by the owner only, under names
+        not yet taken (an earlier export is never overwritten); a failure is shown, nothing half-written kept."""
         from app.paths import data_dir, private_dir
 
         cid = self.selected_conversation()
         if cid is None:
             return
-        folder = private_dir(data_dir() / "exports")
-        path = folder / f"conversation-{cid}.md"
-        path.write_text(self.history.export(cid, "md"), encoding="utf-8")
-        (folder / f"conversation-{cid}.json").write_text(self.history.export(cid, "json"), encoding="utf-8")
-        self.notify(f"Exported to {path} (and .json).", timeout=8)
+        folder = data_dir() / "exports"
+        try:
+            private_dir(folder)
+            written = [write_new(folder, f"conversation-{cid}", suffix, self.history.export(cid, suffix[1:]))
+                       for suffix in (".md", ".json")]
+        except OSError as e:
+            self.notify(f"Could not export to {folder}: {e.strerror or e}. Nothing was overwritten; the "
+                        "conversation is still in the history.", title="Export failed", severity="error", timeout=15)
+            return
+        self.notify(f"Exported to {written[0]} (and {written[1].name}).", timeout=8)
+
+
+def write_new(folder, stem: str, suffix: str, text: str):
+    """Write `text` to the first of stem.suffix, stem-2.suffix, ... that does not exist yet, mode 0600."""
+    import os
+
+    for n in range(1, 10_000):
+        path = folder / (f"{stem}{suffix}" if n == 1 else f"{stem}-{n}{suffix}")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path
+    raise FileExistsError(f"{folder} already holds 9,999 exports of {stem}")

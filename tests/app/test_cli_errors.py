@@ -43,3 +43,9 @@ def test_a_reader_that_stops_early_is_not_an_error():
         proc.stdout.close()  # as `| head -c 10` does
         err = proc.stderr.read().decode()
         assert proc.wait(timeout=120) == 0 and err == "", (args, err)
+
+
+def test_demo_with_a_guard_that_cannot_load_never_claims_to_run_unguarded(tmp_path, smollm2_gguf):
+    r = cli("ask", "--demo", "--guard-model", str(tmp_path / "no-such-guard"), "hi")
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "Llama Guard could not be loaded" in err and "running unguarded" not in err

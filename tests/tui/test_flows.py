@@ -239,3 +239,35 @@ def test_load_failure_is_reported_and_the_app_stays_usable(present_model):
             assert isinstance(app.screen, AboutScreen)
 
     run(go())
+
+
+def test_export_never_overwrites_is_owner_only_and_reports_failures(present_model):
+    import stat
+
+    from app.paths import data_dir
+
+    async def go():
+        app = LlamaChatApp(make_config(present_model), engine_loader=scripted_loader(), animate=False)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_for(pilot, lambda: app.session.engine is not None)
+            await send(pilot, app, "Tell me about Paris")
+            exports = data_dir() / "exports"
+            (exports / "conversation-1.md").mkdir(parents=True)  # a folder in the way of the first name
+            app.action_export_conversation()
+            app.action_export_conversation()  # again: new names, the first export kept
+            names = sorted(p.name for p in exports.iterdir() if p.is_file())
+            assert names == sorted(["conversation-1-2.md", "conversation-1.json",  # the first export
+                                    "conversation-1-3.md", "conversation-1-2.json"])  # the second
+            assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in exports.iterdir() if p.is_file())
+            assert "Paris" in (exports / "conversation-1-2.md").read_text()
+            for p in list(exports.iterdir()):
+                p.rmdir() if p.is_dir() else p.unlink()
+            exports.rmdir()
+            exports.write_text("not a folder")  # the export folder cannot be made
+            app.action_export_conversation()
+            await pilot.pause(0.1)
+            assert exports.read_text() == "not a folder"
+            assert any(n.title == "Export failed" and "Nothing was overwritten" in n.message
+                       for n in app._notifications)
+
+    run(go())
