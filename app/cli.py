@@ -54,8 +54,18 @@ def record_id(text: str) -> int:
     return value
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("llama-chat")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llama-chat", description="A private, guarded chat app for Llama 3.2. Built with Llama.")
+    p.add_argument("--version", action="version", version=f"llama-chat {_version()}")
     _model_options(p)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 

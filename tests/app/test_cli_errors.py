@@ -49,3 +49,8 @@ def test_demo_with_a_guard_that_cannot_load_never_claims_to_run_unguarded(tmp_pa
     r = cli("ask", "--demo", "--guard-model", str(tmp_path / "no-such-guard"), "hi")
     err = r.stderr.decode()
     assert r.returncode == 1 and "Llama Guard could not be loaded" in err and "running unguarded" not in err
+
+
+def test_version():
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.decode().strip() == "llama-chat 0.1.0"
