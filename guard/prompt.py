@@ -17,9 +17,16 @@ ROLE_NAMES = {"user": "User", "assistant": "Agent"}
 _MARKER = re.compile(r"<(\s*(?:BEGIN|END)\s+(?:CONVERSATION|UNSAFE\s+CONTENT\s+CATEGORIES)\s*)>", re.IGNORECASE)
 
 
+# ...nor start a line that reads as another turn of the conversation ("User: ...", "Agent: ...").
+_ROLE_LINE = re.compile(r"^(\s*)(User|Agent)(\s*):", re.IGNORECASE | re.MULTILINE)
+
+
 def neutralise(text: str) -> str:
-    """Turn `<BEGIN CONVERSATION>`-style markers into look-alikes (‹…›); other text is untouched."""
-    return _MARKER.sub(lambda m: f"‹{m.group(1)}›", text)
+    """Turn `<BEGIN CONVERSATION>`-style markers into look-alikes (‹…›), and a role label at a line's start
+    ("Agent:") into one with a fullwidth colon ("Agent："), so a message cannot forge a turn; other text
+    is untouched."""
+    text = _MARKER.sub(lambda m: f"‹{m.group(1)}›", text)
+    return _ROLE_LINE.sub(lambda m: f"{m.group(1)}{m.group(2)}{m.group(3)}\uff1a", text)
 
 
 def check_conversation(messages: Sequence[dict]) -> None:
