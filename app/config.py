@@ -45,14 +45,27 @@ def _at_least(lo):
 
 
 def _codes(v):
-    bad = [c for c in v if not (c.upper().startswith("S") and c[1:].isdigit())]
-    return f"category codes like \"S6\" (not {', '.join(map(repr, bad))})" if bad else None
+    from guard.categories import LLAMA_GUARD_3_8B_CATEGORIES
+
+    bad = [c for c in v if c.upper() not in LLAMA_GUARD_3_8B_CATEGORIES]
+    return f"category codes S1 to S14, like \"S6\" (not {', '.join(map(repr, bad))})" if bad else None
+
+
+def _device(v):
+    kind, _, index = v.partition(":")
+    ok = v in ("auto", "cpu", "mps", "cuda") or (kind == "cuda" and index.isdigit())
+    return None if ok else "auto, cpu, cuda, cuda:N or mps"
+
+
+def _nonempty(v):
+    return None if v.strip() else "a repo id, a folder or a file (not empty)"
 
 
 @dataclass
 class ModelSettings:
-    source: str = _f(DEFAULT_MODEL, "HF repo id (from the local cache), a model folder, a .gguf file or Meta's original folder")
-    device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
+    source: str = _f(DEFAULT_MODEL, "HF repo id (from the local cache), a model folder, a .gguf file or Meta's original folder",
+                     _nonempty)
+    device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps", _device)
     dtype: str = _f("auto", "auto, bfloat16, float16 or float32", _one_of("auto", "bfloat16", "float16", "float32"))
     context: int = _f(0, "context window in tokens; 0 means 8192 on CPU, 32768 on GPU", _at_least(0))
     quantize: str = _f("auto", "CPU weight mode: auto (int4 on a CPU where it runs fast, else bf16), bf16 (none), "
@@ -66,13 +79,13 @@ class GenerationSettings:
     temperature: typing.Optional[float] = _f(None, "sampling temperature; 0 is greedy; unset uses the checkpoint's", _between(0, 2))
     top_p: typing.Optional[float] = _f(None, "nucleus sampling mass; unset uses the checkpoint's", _between(0, 1, lo_open=True))
     max_new_tokens: int = _f(1024, "longest reply in tokens", _at_least(1))
-    seed: typing.Optional[int] = _f(None, "sampling seed for reproducible replies")
+    seed: typing.Optional[int] = _f(None, "sampling seed for reproducible replies", _between(0, 2**64 - 1))
 
 
 @dataclass
 class GuardSettingsConfig:
     enabled: bool = _f(True, "screen every message and reply with Llama Guard")
-    source: str = _f(DEFAULT_GUARD, "the Llama Guard 3 checkpoint: repo id, folder or .gguf")
+    source: str = _f(DEFAULT_GUARD, "the Llama Guard 3 checkpoint: repo id, folder or .gguf", _nonempty)
     excluded: list = _f([], "categories not screened, e.g. [\"S6\", \"S7\"]", _codes)
     threshold: float = _f(0.5, "P(unsafe) at which a message is blocked", _between(0, 1, lo_open=True, hi_open=True))
     mode: str = _f("strict", "strict: show only checked text; fast: show at once and retract if unsafe", _one_of("strict", "fast"))
@@ -149,10 +162,14 @@ def _coerce(value, tp, *, from_text: bool):
         return base(text)
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if base is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return value
-    if base is dict and isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
-        return value
+    if base is list:  # of strings
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+        raise ValueError
+    if base is dict:  # of strings
+        if isinstance(value, dict) and all(isinstance(v, str) for v in value.values()):
+            return value
+        raise ValueError
     if isinstance(value, base) and not (base is int and isinstance(value, bool)):
         return value
     raise ValueError
@@ -185,6 +202,8 @@ def load_config(path: Path | None = None, *, env: typing.Mapping[str, str] | Non
 
     path = path or config_file()
     config = Config()
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{path} is not a file. The configuration must be a TOML file there; move that away.")
     if path.is_file():
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -205,6 +224,9 @@ def load_config(path: Path | None = None, *, env: typing.Mapping[str, str] | Non
         if value is not None:
             section, _, key = dotted.partition(".")
             apply_setting(config, section, key, value, where="command line")
+    if config.prompts.default and config.prompts.default not in config.all_presets():
+        raise ConfigError(f"{path}: prompts.default names no preset: {config.prompts.default!r}. Presets: "
+                          f"{', '.join(sorted(config.all_presets()))}.")
     return config
 
 
