@@ -39,7 +39,6 @@ inline __m256i bcast4(const int8_t* p) {
 
 void quantize_row(const float* x, int64_t K, int64_t G, Act a) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
-  for (int64_t g = 0; g < K / G; ++g) a.gsum[g] = 0.0f;
   for (int64_t b = 0; b < K / 32; ++b) {
     __m256 v[4];
     __m256 mx = _mm256_setzero_ps();

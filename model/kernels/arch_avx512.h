@@ -13,7 +13,6 @@ namespace {
 constexpr int64_t WIDE_ROWS = 0;  // Act::wide unused
 
 void quantize_row(const float* x, int64_t K, int64_t G, Act a) {
-  for (int64_t g = 0; g < K / G; ++g) a.gsum[g] = 0.0f;
   for (int64_t b = 0; b < K / 32; ++b) {
     __m512 v0 = _mm512_loadu_ps(x + 32 * b), v1 = _mm512_loadu_ps(x + 32 * b + 16);
     float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));

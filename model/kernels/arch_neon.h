@@ -16,7 +16,6 @@ namespace {
 constexpr int64_t WIDE_ROWS = 0;  // Act::wide unused
 
 void quantize_row(const float* x, int64_t K, int64_t G, Act a) {
-  for (int64_t g = 0; g < K / G; ++g) a.gsum[g] = 0.0f;
   for (int64_t b = 0; b < K / 32; ++b) {
     float32x4_t v[8];
     float32x4_t mx = vdupq_n_f32(0.0f);

@@ -65,6 +65,7 @@ struct ActRows {
       if (x_bf16)
         for (int64_t k = 0; k < K; ++k) xp[m * K + k] = bf16_to_f32(((const uint16_t*)x)[m * K + k]);
       a[m] = Act{qp + m * K, dp + m * (K / 32), gp + m * groups, wp ? wp + m * K * 8 : nullptr};
+      for (int64_t g = 0; g < groups; ++g) a[m].gsum[g] = 0.0f;  // quantize_row adds each block's sum
       quantize_row(xp + m * K, K, G, a[m]);
     }
     return a;
