@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     he.add_argument("--format", choices=("md", "json"), default="md")
     hd = hsub.add_parser("delete", help="delete a conversation (and its search entries)")
     hd.add_argument("id", type=record_id)
+    hsub.add_parser("recover", help="copy what is readable from a damaged history into a new file (the damaged "
+                                    "one is kept beside it)")
 
     dl = sub.add_parser("download", help="download the models from Hugging Face (the only network use)")
     dl.add_argument("--model", default=None, help="chat model repo id (default: the configured one)")
@@ -180,13 +182,11 @@ def main(argv=None) -> int:
 
 
 def entry() -> None:
-    """The `llama-chat` command: `main`, then the process ends without waiting for a background compile."""
+    """The `llama-chat` command: `main`, then the process ends without waiting for background work."""
     code = main()
-    if "model.compiled" in sys.modules:
-        from model.compiled import exit_process
+    from model.compiled import exit_process  # imports no torch
 
-        exit_process(code)
-    sys.exit(code)
+    exit_process(code)
 
 
 def cmd_tui(args) -> int:
@@ -213,7 +213,7 @@ def _read_prompt(args) -> str:
 
 def cmd_ask(args) -> int:
     from app.history import History
-    from app.session import Blocked, ChatSession, Done, Engine, Error, Released, Retracted, refusal
+    from app.session import Blocked, Changed, ChatSession, Done, Engine, Error, Released, Retracted, refusal
 
     config = resolve_config(args)
     text = _read_prompt(args)
@@ -251,8 +251,8 @@ def cmd_ask(args) -> int:
                     sys.stdout.write("\n")
                 print(f"llama-chat: {'your message' if stage == 'input' else 'the reply'} was {refusal(event.verdict)}",
                       file=sys.stderr)
-        elif isinstance(event, Error):
-            code = EXIT_FAIL
+        elif isinstance(event, (Error, Changed)):
+            code = EXIT_FAIL if isinstance(event, Error) else code
             print(f"llama-chat: {event.message}", file=sys.stderr)
         elif isinstance(event, Done):
             out.update(status=event.status, reply=event.text, stats=event.stats, message_id=event.message_id)
@@ -270,7 +270,9 @@ def cmd_ask(args) -> int:
 def cmd_history(args) -> int:
     from app.history import History, to_markdown
 
-    history = History()
+    if args.action == "recover":
+        return cmd_recover()
+    history = History(read_only=args.action != "delete")  # reading needs no write access and takes no lock
     if args.action == "list":
         convs = history.list_conversations()
         if args.json:
@@ -291,6 +293,21 @@ def cmd_history(args) -> int:
     elif args.action == "delete":
         history.delete_conversation(args.id)
         print(f"Deleted conversation {args.id}.")
+    return EXIT_OK
+
+
+def cmd_recover() -> int:
+    from app.history import TABLES, recover
+    from app.paths import database_file
+
+    r = recover(database_file())
+    counts = ", ".join(f"{r.recovered[t]} {t}" + (f" ({r.unreadable[t]} unreadable)" if r.unreadable[t] else "")
+                       for t in TABLES)
+    print(f"Recovered {counts} into {r.path}.")
+    if r.placeholders:
+        print(f"{r.placeholders} conversations had lost their title and settings: they are named "
+              "\"Recovered conversation N\".")
+    print(f"The damaged file is kept, unchanged, at {r.damaged_copy}.")
     return EXIT_OK
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 
@@ -43,10 +44,29 @@ def report(config) -> str:
         f"guard model   {config.guard.source}: {_model_state(config.guard.source)}",
         f"guard checks  {_guard_precision(config, device)}",
         f"config file   {config_file()}{'' if config_file().is_file() else ' (not created; defaults in use)'}",
-        f"history       {database_file()}",
+        f"history       {database_file()}: {_history_state(database_file())}",
         f"data / cache  {data_dir()} / {cache_dir()}",
     ]
     return "\n".join(lines)
+
+
+def _history_state(path) -> str:
+    """Whether the history file reads whole (SQLite's quick check), its mode, and whether it can be written."""
+    from app.errors import HistoryError
+    from app.history import History
+
+    if not path.exists():
+        return "not created yet"
+    try:
+        h = History(path, read_only=True)
+        h.check()
+        count = len(h.list_conversations())
+        h.close()
+    except HistoryError as e:
+        return e.message
+    writable = os.access(path, os.W_OK) and os.access(path.parent, os.W_OK) and path.stat().st_mode & 0o200
+    return (f"ok, {count} conversations, mode {path.stat().st_mode & 0o777:o}"
+            f"{'' if writable else ', read-only: nothing new is stored'}")
 
 
 def _quant_kernel() -> str:

@@ -13,3 +13,9 @@ class HistoryError(LlamaChatError):
 
 class SessionError(LlamaChatError):
     title = "Chat error"
+
+
+class HistoryDamaged(HistoryError):
+    """The history file cannot be read as a database: `llama-chat history recover` is the way forward."""
+
+    title = "History is damaged"

@@ -1,12 +1,18 @@
 """Local history: conversations, messages and guard verdicts in SQLite.
 
-WAL mode and short write transactions let two running instances share the file safely. A reply is
-written while it streams; a process that dies mid-reply leaves it marked `streaming` with its pid, and
-the next start marks it `interrupted`. Schema changes are named migrations recorded in a table.
+WAL mode and short write transactions let two running instances share the file safely; opening and
+reading never take the write lock, and reading commands open the file read-only. A reply is written
+while it streams; a process that dies mid-reply leaves it marked `streaming` with its pid, and the
+next start marks it `interrupted`. Each reply records the message it answers (`parent_id`), so turns
+of two writers on one conversation never pair a question with another's answer. Schema changes are
+named migrations recorded in a table. SQLite's failures (a damaged file, a lock held too long, a
+read-only folder) become `HistoryError`s that name the file and what to do; `recover` copies what is
+readable from a damaged file into a new one.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -17,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from app.errors import HistoryError
+from app.errors import HistoryDamaged, HistoryError
 from app.paths import database_file, private_dir
 
 STATUSES = ("complete", "streaming", "stopped", "blocked", "error", "interrupted")
+UNCHECKED_MARK = "_[Not checked by Llama Guard from here on: the reply ended before its next check.]_"
 
 
 def _m001_initial(db: sqlite3.Connection) -> None:
@@ -99,11 +106,20 @@ def _m004_writer_started(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE messages ADD COLUMN writer_started INTEGER")
 
 
+def _m005_threads(db: sqlite3.Connection) -> None:
+    """A reply's parent (the user message it answers; NULL before this: the message stored before it) and,
+    for a reply shown before it was checked (fast mode), how many of its characters the passed checks
+    covered (NULL: all of it, or not screened)."""
+    db.execute("ALTER TABLE messages ADD COLUMN parent_id INTEGER")
+    db.execute("ALTER TABLE messages ADD COLUMN checked_chars INTEGER")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = [
     ("001_initial", _m001_initial),
     ("002_search", _m002_search),
     ("003_verdict_precision", _m003_verdict_precision),
     ("004_writer_started", _m004_writer_started),
+    ("005_threads", _m005_threads),
 ]
 
 
@@ -118,10 +134,28 @@ class Message:
     stats: dict | None
     created_at: float
     verdicts: list[dict] = field(default_factory=list)
+    parent_id: int | None = None  # a reply: the user message it answers
+    checked_chars: int | None = None  # a reply shown before its checks: the part they passed
+
+    @property
+    def unchecked(self) -> str:
+        """The end of a reply that was shown but never checked (fast mode, then stopped by an error or a
+        kill); '' when all of it was checked or the guard was off."""
+        if self.checked_chars is None or self.status == "blocked":
+            return ""
+        return self.content[self.checked_chars:]
+
+    def marked_text(self) -> str:
+        """The content, with the point from which it was never checked marked (see `unchecked`)."""
+        if not self.unchecked:
+            return self.content
+        checked = self.content[: len(self.content) - len(self.unchecked)]
+        return f"{checked}\n\n{UNCHECKED_MARK}\n\n{self.unchecked}"
 
     def to_dict(self) -> dict:
         return {"id": self.id, "role": self.role, "content": self.content, "status": self.status,
-                "guarded": self.guarded, "stats": self.stats, "created_at": self.created_at, "verdicts": self.verdicts}
+                "guarded": self.guarded, "stats": self.stats, "created_at": self.created_at, "verdicts": self.verdicts,
+                "parent_id": self.parent_id, "checked_chars": self.checked_chars}
 
 
 @dataclass
@@ -172,31 +206,98 @@ def title_from(text: str, limit: int = 60) -> str:
 
 
 class History:
-    """One SQLite database file. Safe to use from one thread at a time per instance."""
+    """One SQLite database file. Safe to use from one thread at a time per instance.
 
-    def __init__(self, path: Path | None = None):
+    `read_only`: open for reading only (the reading commands): no write access needed, no lock taken, a
+    file that does not exist yet reads as empty. A writable open of a file its owner made read-only, or in
+    a folder that cannot be written, reads it and says why when asked to store."""
+
+    def __init__(self, path: Path | None = None, *, read_only: bool = False):
         self.path = Path(path) if path else database_file()
-        private_dir(self.path.parent)
-        # A file its owner made read-only stays so: it is opened for reading, and storing says why it cannot.
-        mode = self.path.stat().st_mode if self.path.exists() else None
-        self.read_only = mode is not None and not mode & stat.S_IWUSR
-        old_umask = os.umask(0o077)  # the database, its WAL and shm files: owner only
         try:
-            uri = f"{self.path.resolve().as_uri()}{'?mode=ro' if self.read_only else ''}"
-            self.db = sqlite3.connect(uri, uri=True, timeout=10.0, isolation_level=None, check_same_thread=False)
+            self._open(read_only)
+        except OSError as e:
+            raise HistoryError(f"The history file {self.path} cannot be used: {e.strerror or e}. Nothing was changed; "
+                               "check the permissions of the file and its folders.", title="History unavailable") from None
+
+    def _open(self, read_only: bool) -> None:
+        self.read_only_reason = ""
+        if read_only:
+            self.read_only_reason = "opened for reading"
+        elif self.path.exists() and not self.path.stat().st_mode & stat.S_IWUSR:
+            self.read_only_reason = f"the file is read-only; to store chats again: chmod u+w {self.path}"
+        elif self.path.exists() and not os.access(self.path.parent, os.W_OK):
+            self.read_only_reason = f"its folder {self.path.parent} cannot be written"
+        try:
+            self.db = self._connect()
+            if not self.read_only:
+                if self.db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    self.db.execute("PRAGMA journal_mode=WAL")
+                self.migrate()
+                self.mark_interrupted()
         except sqlite3.Error as e:
-            raise HistoryError(f"Cannot open the history database {self.path}: {e}") from e
-        finally:
-            os.umask(old_umask)
-        if mode is None or mode & 0o077:
-            os.chmod(self.path, (mode or 0o600) & 0o700)  # owner only; the owner's own bits as they were
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.execute("PRAGMA busy_timeout=10000")
-        if not self.read_only:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.migrate()
-            self.mark_interrupted()
+            raise self.error(e) from None
+
+    @property
+    def read_only(self) -> bool:
+        return bool(self.read_only_reason)
+
+    def _connect(self, empty: bool = False) -> sqlite3.Connection:
+        if empty or (self.read_only and not self.path.exists()):  # nothing stored yet: an empty history
+            db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            db.execute("CREATE TABLE migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+            for _name, fn in MIGRATIONS:
+                fn(db)
+        else:
+            if not self.read_only:
+                private_dir(self.path.parent)
+            old_umask = os.umask(0o077)  # the database, its WAL and shm files: owner only
+            try:
+                uri = self.path.resolve().as_uri() + ("?mode=ro" if self.read_only else "")
+                db = sqlite3.connect(uri, uri=True, timeout=10.0, isolation_level=None, check_same_thread=False)
+                if self.read_only and not self._readable(db):
+                    # WAL files cannot be made beside it (a read-only folder): read the file as it is
+                    db = sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
+            finally:
+                os.umask(old_umask)
+            mode = self.path.stat().st_mode
+            if not self.read_only and mode & 0o077:
+                os.chmod(self.path, mode & 0o700)  # owner only; the owner's own bits as they were
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=10000")
+        return db
+
+    @staticmethod
+    def _readable(db: sqlite3.Connection) -> bool:
+        try:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError as e:
+            if getattr(e, "sqlite_errorname", "").startswith("SQLITE_CANTOPEN"):
+                db.close()
+                return False
+            raise
+        return True
+
+    def error(self, e: sqlite3.Error) -> HistoryError:
+        """What an SQLite failure means for the user: what happened to which file, and what to do."""
+        name = getattr(e, "sqlite_errorname", "")
+        where = f"The history file {self.path}"
+        if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or "malformed" in str(e) or "not a database" in str(e):
+            return HistoryDamaged(
+                f"{where} is damaged ({e}). It was left as it is. `llama-chat history recover` copies every "
+                "conversation still readable into a new file and keeps the damaged one beside it.",
+                title="History is damaged")
+        if name.startswith("SQLITE_BUSY") or "locked" in str(e):
+            return HistoryError(f"{where} is locked by another program (over 10 s): nothing was changed. Close "
+                                "that program (or its open transaction) and try again.", title="History is busy")
+        if name.startswith("SQLITE_READONLY") or name.startswith("SQLITE_CANTOPEN") or "readonly" in str(e):
+            return HistoryError(f"{where} cannot be written or opened here ({e}): nothing was changed. Check the "
+                                "permissions of the file and its folder.", title="History is read-only")
+        if name.startswith("SQLITE_FULL"):
+            return HistoryError(f"{where}: the disk is full, so nothing was stored. Free some space and try again.",
+                                title="Disk full")
+        return HistoryError(f"{where}: {e}. Nothing was changed.")
 
     def close(self) -> None:
         self.db.close()
@@ -205,9 +306,8 @@ class History:
     def write(self) -> Iterator[sqlite3.Connection]:
         """A short write transaction, taking the write lock up front so two instances never deadlock."""
         if self.read_only:
-            raise HistoryError(f"The history file {self.path} is read-only, so nothing can be stored or changed; "
-                               f"it was left as it is. To store chats again: chmod u+w {self.path}",
-                               title="History is read-only")
+            raise HistoryError(f"The history file {self.path} cannot be changed ({self.read_only_reason}), so "
+                               "nothing was stored or changed; it was left as it is.", title="History is read-only")
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield self.db
@@ -218,7 +318,13 @@ class History:
 
     # -- schema ----------------------------------------------------------------------------------
     def migrate(self, upto: str | None = None) -> list[str]:
-        """Apply the migrations not yet recorded (up to and including `upto`); returns their names."""
+        """Apply the migrations not yet recorded (up to and including `upto`); returns their names. An
+        up-to-date file is only read."""
+        names = [name for name, _ in MIGRATIONS]
+        if self.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'migrations'").fetchone():
+            done = {r[0] for r in self.db.execute("SELECT name FROM migrations")}
+            if set(names[: names.index(upto) + 1 if upto else None]) <= done:
+                return []
         with self.write() as db:
             db.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
             done = {r[0] for r in db.execute("SELECT name FROM migrations")}
@@ -296,7 +402,8 @@ class History:
 
     # -- messages --------------------------------------------------------------------------------
     def add_message(self, conversation_id: int, role: str, content: str, *, status: str = "complete",
-                    guarded: bool = True) -> int:
+                    guarded: bool = True, parent_id: int | None = None) -> int:
+        """`parent_id`: for a reply, the user message it answers."""
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
         now = time.time()
@@ -304,15 +411,19 @@ class History:
         with self.write() as db:
             cur = db.execute(
                 "INSERT INTO messages (conversation_id, role, content, status, guarded, writer_pid, writer_started,"
-                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (conversation_id, role, content, status, int(guarded), pid, pid and process_start(pid), now, now),
+                " parent_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (conversation_id, role, content, status, int(guarded), pid, pid and process_start(pid), parent_id,
+                 now, now),
             )
             self._touch(db, conversation_id)
             return cur.lastrowid
 
     def update_message(self, message_id: int, *, content: str | None = None, status: str | None = None,
-                       stats: dict | None = None) -> None:
+                       stats: dict | None = None, checked_chars: int | None = None) -> None:
         sets, args = ["updated_at = ?"], [time.time()]
+        if checked_chars is not None:
+            sets.append("checked_chars = ?")
+            args.append(checked_chars)
         if content is not None:
             sets.append("content = ?")
             args.append(content)
@@ -338,17 +449,31 @@ class History:
                  verdict.latency_s, verdict.guard_model, verdict.reason, getattr(verdict, "precision", ""), time.time()),
             )
 
+    def last_message_id(self, conversation_id: int) -> int | None:
+        return self.db.execute("SELECT max(id) FROM messages WHERE conversation_id = ?", (conversation_id,)).fetchone()[0]
+
     def messages(self, conversation_id: int) -> list[Message]:
+        """A conversation's messages in thread order: each reply right after the message it answers (two
+        writers' turns may have been stored interleaved)."""
         rows = self.db.execute("SELECT * FROM messages WHERE conversation_id = ? ORDER BY id", (conversation_id,)).fetchall()
+        keys = rows[0].keys() if rows else ()
+        parent = (lambda r: r["parent_id"]) if "parent_id" in keys else (lambda r: None)  # a read-only older file
+        rows.sort(key=lambda r: (parent(r), 1, r["id"]) if parent(r) else (r["id"], 0, r["id"]))
         verdicts: dict[int, list[dict]] = {}
         for v in self.db.execute(
             "SELECT v.* FROM verdicts v JOIN messages m ON m.id = v.message_id WHERE m.conversation_id = ? ORDER BY v.id",
             (conversation_id,),
         ):
             verdicts.setdefault(v["message_id"], []).append(self._verdict(v))
+        def status(r) -> str:  # a read-only reader does not mark dead writers' replies; it reports them so
+            started = r["writer_started"] if "writer_started" in keys else None
+            dead = r["status"] == "streaming" and not _writer_alive(r["writer_pid"], started)
+            return "interrupted" if dead else r["status"]
+
         return [
-            Message(r["id"], r["conversation_id"], r["role"], r["content"], r["status"], bool(r["guarded"]),
-                    json.loads(r["stats"]) if r["stats"] else None, r["created_at"], verdicts.get(r["id"], []))
+            Message(r["id"], r["conversation_id"], r["role"], r["content"], status(r), bool(r["guarded"]),
+                    json.loads(r["stats"]) if r["stats"] else None, r["created_at"], verdicts.get(r["id"], []),
+                    parent(r), r["checked_chars"] if "checked_chars" in keys else None)
             for r in rows
         ]
 
@@ -400,6 +525,164 @@ class History:
         return to_markdown(conv)
 
 
+    def check(self) -> None:
+        """Raise HistoryDamaged when SQLite's quick check finds damage anywhere in the file (it reads every
+        page: tens of milliseconds for 100k messages), which plain use would only meet on the damaged page."""
+        try:
+            problems = [r[0] for r in self.db.execute("PRAGMA quick_check(5)")]
+        except sqlite3.Error as e:
+            raise self.error(e) from None
+        if problems != ["ok"]:
+            raise self.error(sqlite3.DatabaseError(f"database disk image is malformed: {problems[0]}"))
+
+    @classmethod
+    def scratch(cls, path: Path, reason: str) -> "History":
+        """An empty history that stores nothing (each attempt says `reason`), for a window to open on when
+        the file at `path` cannot be used."""
+        h = cls.__new__(cls)
+        h.path, h.read_only_reason = path, reason
+        h.db = h._connect(empty=True)
+        return h
+
+
+def _translated(method):
+    """`method` with SQLite's failures turned into the HistoryError that names the file and what to do."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as e:
+            raise self.error(e) from None
+    return run
+
+
+for _name, _method in list(vars(History).items()):  # every public method reads or writes the file
+    if callable(_method) and not _name.startswith("_") and _name not in ("write", "error", "scratch", "check"):
+        setattr(History, _name, _translated(_method))
+
+
+# -- recovery ------------------------------------------------------------------------------------
+TABLES = ("conversations", "messages", "verdicts")
+CHUNK = 256  # rows read at once while recovering; a damaged chunk is retried row by row
+
+
+@dataclass
+class Recovery:
+    """What `recover` copied, per table, and where the files are now."""
+
+    recovered: dict[str, int]
+    unreadable: dict[str, int]  # row ids whose page could not be read
+    placeholders: int  # conversations re-created (their own row was lost) for messages that survived
+    path: Path
+    damaged_copy: Path
+
+
+def recover(path: Path) -> Recovery:
+    """Copy every readable conversation, message and verdict of the damaged history at `path` into a new
+    file, row by row where whole chunks fail. The new file takes the name; the original (with any WAL
+    files) is renamed beside it, never deleted or changed."""
+    path = Path(path)
+    if not path.is_file():
+        raise HistoryError(f"There is no history file at {path} to recover.")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    damaged_copy = path.with_name(f"{path.name}.damaged-{stamp}")
+    fresh = path.with_name(f"{path.name}.recovered-{stamp}")
+    src = _open_damaged(path, fresh.with_name(fresh.name + ".header"))
+    target = History(fresh)
+    recovered, unreadable, placeholders = {}, {}, 0
+    try:
+        with target.write() as db:
+            for table in TABLES:
+                want = [r[1] for r in db.execute(f"PRAGMA table_info({table})")]
+                rows, unreadable[table] = _readable_rows(src, table, want)
+                if table == "messages":  # messages whose conversation row was lost get a placeholder one
+                    have = {r[0] for r in db.execute("SELECT id FROM conversations")}
+                    for cid in sorted({r["conversation_id"] for r in rows} - have):
+                        first = min((r for r in rows if r["conversation_id"] == cid), key=lambda r: r["id"])
+                        db.execute("INSERT INTO conversations (id, title, created_at, updated_at) VALUES (?, ?, ?, ?)",
+                                   (cid, f"Recovered conversation {cid}", first["created_at"], first["created_at"]))
+                        placeholders += 1
+                if table == "verdicts":  # a verdict whose message was lost has nothing to belong to
+                    have = {r[0] for r in db.execute("SELECT id FROM messages")}
+                    rows = [r for r in rows if r["message_id"] in have]
+                for r in rows:
+                    cols = [c for c in want if c in r.keys()]
+                    db.execute(f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                               [r[c] for c in cols])
+                recovered[table] = len(rows)
+            db.execute("UPDATE messages SET status = 'interrupted', writer_pid = NULL WHERE status = 'streaming'")
+    finally:
+        src.close()
+        target.close()
+        fresh.with_name(fresh.name + ".header").unlink(missing_ok=True)
+    for suffix in ("", "-wal", "-shm"):  # the WAL files belong to the damaged file: they move with it
+        if Path(f"{path}{suffix}").exists():
+            os.rename(f"{path}{suffix}", f"{damaged_copy}{suffix}")
+    os.rename(fresh, path)
+    return Recovery(recovered, unreadable, placeholders, path, damaged_copy)
+
+
+def _open_damaged(path: Path, header_copy: Path) -> sqlite3.Connection:
+    """The damaged file, read-only; when its first 100 bytes (the header) are unreadable, a copy with a
+    fresh header (a damaged file is never written)."""
+    db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    try:
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return db
+    except sqlite3.DatabaseError:
+        db.close()
+    data = bytearray(path.read_bytes())
+    for page_size in (4096, 1024, 2048, 8192, 16384, 32768, 65536):
+        template = sqlite3.connect(":memory:")
+        template.execute(f"PRAGMA page_size={page_size}")
+        template.execute("CREATE TABLE t (x)")
+        header = template.serialize()[:100]
+        template.close()
+        data[:100] = header
+        data[28:32] = (0).to_bytes(4, "big")  # no page count: SQLite takes the file's size
+        header_copy.write_bytes(data)
+        db = sqlite3.connect(header_copy.resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        try:
+            if db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'messages'").fetchone()[0]:
+                return db
+        except sqlite3.DatabaseError:
+            pass
+        db.close()
+    raise HistoryError(f"Nothing in {path} can be read as a llama-chat history (its schema is unreadable); "
+                       "the file was left as it is.", title="History cannot be recovered")
+
+
+def _readable_rows(src: sqlite3.Connection, table: str, columns: list[str]) -> tuple[list, int]:
+    """Every row of `table` that can still be read, and how many row ids could not be."""
+    try:
+        have = [r[1] for r in src.execute(f"PRAGMA table_info({table})")]
+    except sqlite3.DatabaseError:
+        return [], 0
+    cols = ", ".join(c for c in columns if c in have)
+    top = 0
+    for sql in (f"SELECT max(rowid) FROM {table}", "SELECT seq FROM sqlite_sequence WHERE name = ?"):
+        try:
+            top = max(top, (src.execute(sql, (table,) if "?" in sql else ()).fetchone() or [0])[0] or 0)
+        except sqlite3.DatabaseError:
+            pass
+    rows, lost = [], 0
+    for start in range(1, top + 1, CHUNK):
+        try:
+            rows += src.execute(f"SELECT {cols} FROM {table} WHERE rowid BETWEEN ? AND ?",
+                                (start, start + CHUNK - 1)).fetchall()
+            continue
+        except sqlite3.DatabaseError:
+            pass
+        for rowid in range(start, min(start + CHUNK, top + 1)):
+            try:
+                rows += src.execute(f"SELECT {cols} FROM {table} WHERE rowid = ?", (rowid,)).fetchall()
+            except sqlite3.DatabaseError:
+                lost += 1
+    return rows, lost
+
+
 def to_markdown(conv: Conversation) -> str:
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(conv.created_at))
     out = [f"# {conv.title}", "", f"_{when} · {conv.model or 'model not recorded'}_", ""]
@@ -409,7 +692,8 @@ def to_markdown(conv: Conversation) -> str:
         who = "You" if m.role == "user" else "Assistant"
         badge = "" if m.status == "complete" else f" _({m.status})_"
         out += [f"## {who}{badge}", ""]
-        out += ["_Blocked by Llama Guard; the text is kept in the database only._" if m.status == "blocked" else m.content, ""]
+        out += ["_Blocked by Llama Guard; the text is kept in the database only._" if m.status == "blocked"
+                else m.marked_text(), ""]
         for v in m.verdicts:
             mark = "passed" if v["safe"] else "blocked: " + (", ".join(v["category_names"]) or v["reason"])
             out.append(f"- Llama Guard ({v['stage']}): {mark}, score {v['score'] or 0:.2f}")

@@ -39,6 +39,17 @@ class Screened:
 
 
 @dataclass(frozen=True)
+class Changed:
+    """The conversation gained turns elsewhere (another window, `ask --conversation`) since this session
+    last read it; the new turn continues from the latest stored one."""
+
+    conversation_id: int
+    latest: int  # the newest message stored before this turn
+    message: str = ("This conversation changed elsewhere (another window or `llama-chat ask`); continuing "
+                    "from the latest turn.")
+
+
+@dataclass(frozen=True)
 class Released:
     """Reply text that may be shown (it passed the guard, or the guard is off)."""
 
@@ -156,6 +167,7 @@ class ChatSession:
         self.conversation_id: int | None = None
         self.system_prompt = config.preset(config.prompts.default) if config.prompts.default else ""
         self._busy = threading.Lock()
+        self._seen: int | None = None  # the newest message id of the open conversation this session knows
 
     @property
     def guarded(self) -> bool:
@@ -164,7 +176,7 @@ class ChatSession:
     # -- conversations ---------------------------------------------------------------------------
     def new_conversation(self, system_prompt: str | None = None) -> None:
         """Start afresh; the conversation is stored with its first message."""
-        self.conversation_id = None
+        self.conversation_id, self._seen = None, None
         if system_prompt is not None:
             self.system_prompt = system_prompt
         if self.engine:
@@ -173,6 +185,7 @@ class ChatSession:
     def open(self, conversation_id: int):
         conv = self.history.get_conversation(conversation_id)
         self.conversation_id, self.system_prompt = conv.id, conv.system_prompt
+        self._seen = max((m.id for m in conv.messages), default=None)
         if self.engine:
             self.engine.runner.reset()
         return conv
@@ -186,13 +199,15 @@ class ChatSession:
         return self.history.messages(self.conversation_id) if self.conversation_id is not None else []
 
     def context(self, messages: list[Message] | None = None) -> list[dict]:
-        """The exchanges the model and the guard may see: a passed user message followed by a reply
-        that completed or was stopped. Blocked, failed or interrupted turns are left out."""
+        """The exchanges the model and the guard may see: a passed user message and the reply to it (its
+        parent; in files from before parents, the message stored before it) that completed or was
+        stopped. Blocked, failed or interrupted turns are left out."""
         msgs = self.messages() if messages is None else messages
-        out = []
-        for user, reply in zip(msgs, msgs[1:]):
-            if (user.role, reply.role) == ("user", "assistant") and user.status == "complete" \
-                    and reply.status in ("complete", "stopped"):
+        by_id, out = {m.id: m for m in msgs}, []
+        for before, reply in zip([None] + msgs, msgs):
+            user = by_id.get(reply.parent_id) if reply.parent_id else before
+            if reply.role == "assistant" and reply.status in ("complete", "stopped") and user is not None \
+                    and user.role == "user" and user.status == "complete":
                 out += [{"role": "user", "content": user.content}, {"role": "assistant", "content": reply.content}]
         return out
 
@@ -207,6 +222,10 @@ class ChatSession:
             raise SessionError("The message is empty.")
         self._require_engine()
         with self._busy:
+            if self.conversation_id is not None:
+                latest = self.history.last_message_id(self.conversation_id)
+                if latest is not None and (self._seen is None or latest > self._seen):
+                    yield Changed(self.conversation_id, latest)
             exchange = self.context() + [{"role": "user", "content": text}]
             # A message the model cannot take is refused before it is stored or screened (a 1 MB message
             # took the guard 92 windows before the runner refused it).
@@ -217,9 +236,17 @@ class ChatSession:
                     text, system_prompt=self.system_prompt, model=self.engine.model_name)
             user_id = self.history.add_message(self.conversation_id, "user", text, status="streaming",
                                                guarded=self.guarded)
+            self._seen = user_id
             yield UserStored(user_id, text)
             if self.guarded:
-                verdict = self.engine.guard.check(exchange, stage="input")
+                from guard.classifier import CheckCancelled
+
+                try:
+                    verdict = self.engine.guard.check(exchange, stage="input", cancel=cancel)
+                except CheckCancelled:  # not screened, so not sent: kept, marked stopped, never in context
+                    self.history.update_message(user_id, status="stopped")
+                    yield Done(None, "stopped")
+                    return
                 self.history.add_verdict(user_id, verdict)
                 yield Screened(user_id, verdict)
                 if not verdict.safe:
@@ -228,7 +255,7 @@ class ChatSession:
                     yield Done(None, "blocked")
                     return
             self.history.update_message(user_id, status="complete")
-            yield from self._reply(exchange, cancel)
+            yield from self._reply(exchange, cancel, user_id)
 
     def regenerate(self, *, cancel: threading.Event | None = None) -> Iterator:
         """Replace the last reply with a new one (the user's message was already screened)."""
@@ -241,7 +268,7 @@ class ChatSession:
             if not msgs or msgs[-1].role != "user" or msgs[-1].status != "complete":
                 raise SessionError("There is no answered message to regenerate.")
             exchange = self.context(msgs) + [{"role": "user", "content": msgs[-1].content}]
-            yield from self._reply(exchange, cancel)
+            yield from self._reply(exchange, cancel, msgs[-1].id)
 
     def edit(self, message_id: int, text: str, *, cancel: threading.Event | None = None) -> Iterator:
         """Replace an earlier user message (and everything after it) and continue from there."""
@@ -255,7 +282,7 @@ class ChatSession:
         if self.engine is None:
             raise SessionError("The model is not loaded yet.")
 
-    def _reply(self, exchange: list[dict], cancel: threading.Event | None) -> Iterator:
+    def _reply(self, exchange: list[dict], cancel: threading.Event | None, parent_id: int) -> Iterator:
         from guard.stream import Block, Release, Retract, StreamModerator
         from model.sampling import Sampling
 
@@ -263,7 +290,8 @@ class ChatSession:
         gen = self.config.generation
         sampling = Sampling(gen.temperature, gen.top_p, None, gen.seed, gen.max_new_tokens)
         reply_id = self.history.add_message(self.conversation_id, "assistant", "", status="streaming",
-                                            guarded=self.guarded)
+                                            guarded=self.guarded, parent_id=parent_id)
+        self._seen = reply_id
         moderator = StreamModerator(guard, exchange, mode=g.mode, check_every=g.check_every,
                                     guard_share=GUARD_SHARE) if guard else None
         generated, shown, last_write, failed, stored = "", "", time.monotonic(), None, 0
@@ -272,6 +300,10 @@ class ChatSession:
             nonlocal shown, failed, stored
             for v in moderator.verdicts[stored:] if moderator else ():  # as each check is made: a killed
                 self.history.add_verdict(reply_id, v)  # process leaves the checks of what it showed
+            if moderator and len(moderator.verdicts) > stored and moderator.mode == "fast":
+                # shown before checked: the stored reply says how much of it its checks passed
+                self.history.update_message(reply_id, content=moderator.text[:moderator.released],
+                                            checked_chars=moderator.checked)
             stored = len(moderator.verdicts) if moderator else 0
             for e in events:
                 if isinstance(e, Release):

@@ -19,7 +19,7 @@ from guard.categories import LLAMA_GUARD_3_CATEGORIES
 from guard.prompt import check_conversation, conversation_text, head_parts, judged_role, tail_parts
 from guard.verdict import Verdict, parse_verdict
 from model.errors import LlamaChatError
-from model.kvcache import PrefixCache
+from model.kvcache import Cancelled, PrefixCache
 from model.prompt import encode_parts, is_llama3_tokenizer
 
 DEFAULT_GUARD = "meta-llama/Llama-Guard-3-1B"
@@ -29,6 +29,12 @@ SELF_TEST = [{"role": "user", "content": "Hello! Can you recommend a good book a
 
 class GuardError(LlamaChatError):
     title = "Guard error"
+
+
+class CheckCancelled(LlamaChatError):
+    """A check stopped at the caller's request: it gave no verdict, so what it was checking did not pass."""
+
+    title = "Check cancelled"
 
 
 @dataclass
@@ -140,7 +146,7 @@ class Guard:
         return self.tokenizer(conversation_text(messages), add_special_tokens=False,
                               split_special_tokens=True)["input_ids"]
 
-    def _classify(self, messages: Sequence[dict], conversation_ids: list[int] | None = None) -> Verdict:
+    def _classify(self, messages: Sequence[dict], conversation_ids: list[int] | None = None, cancel=None) -> Verdict:
         """One check of a conversation that fits the budget. Raises on internal errors."""
         import torch
 
@@ -150,7 +156,7 @@ class Guard:
             conversation_ids = self._encode_conversation(messages)
         ids = self._heads[role] + conversation_ids + self._tails[role] + [self._nn]
         with torch.inference_mode():
-            logits, _ = kv.extend_to(ids, rows=(self._safe, self._unsafe))
+            logits, _ = kv.extend_to(ids, rows=(self._safe, self._unsafe), cancel=cancel)
             score = float(torch.softmax(logits.float(), dim=-1)[1])  # P(unsafe) between the two answers
             if score < self.settings.threshold:
                 return Verdict(True, score=score, raw="safe")
@@ -172,28 +178,31 @@ class Guard:
         return self.tokenizer.decode(out, skip_special_tokens=False)
 
     # -- the public checks -----------------------------------------------------------------------
-    def check(self, messages: Sequence[dict], *, stage: str | None = None) -> Verdict:
+    def check(self, messages: Sequence[dict], *, stage: str | None = None, cancel=None) -> Verdict:
         """Screen the last message of an alternating user/assistant conversation. Never raises for a
-        screening failure: errors come back as blocking verdicts."""
+        screening failure: errors come back as blocking verdicts. `cancel` (a threading.Event) set while
+        it runs raises CheckCancelled: no verdict, and so nothing passed."""
         t0 = time.perf_counter()
         stage = stage or ("input" if len(messages) % 2 == 1 else "output")
         try:
             check_conversation(messages)
             with self._lock:
-                verdict = self._check_within_budget(list(messages))
+                verdict = self._check_within_budget(list(messages), cancel)
+        except Cancelled:
+            raise CheckCancelled(f"The {stage} check was cancelled before it finished.") from None
         except Exception as e:  # fail closed: a guard that cannot answer blocks
             verdict = Verdict(False, reason=f"guard error: {type(e).__name__}: {e}")
         return Verdict(**{**verdict.__dict__, "stage": stage, "latency_s": time.perf_counter() - t0,
                           "guard_model": self.name, "precision": self.precision})
 
-    def _check_within_budget(self, messages: list[dict]) -> Verdict:
+    def _check_within_budget(self, messages: list[dict], cancel=None) -> Verdict:
         budget = self.settings.token_budget
         whole = self._encode_conversation(messages)
         if len(whole) <= budget:  # the common case: one tokenization, reused for the check
-            return self._classify(messages, whole)
+            return self._classify(messages, whole, cancel)
         sizes = [len(self._encode_conversation([m])) for m in messages]
         if sizes[-1] > budget:
-            return self._check_windows(messages)
+            return self._check_windows(messages, cancel)
         start = len(messages) - 1
         # Keep the most recent messages that fit, always starting the window on a user message.
         while start >= 2 and sum(sizes[start - 2 :]) <= budget:
@@ -202,14 +211,14 @@ class Guard:
             start -= 1
         if start % 2 == 1:  # a reply whose user message does not fit beside it
             prompt = self._tail_text(messages[start - 1]["content"], budget - sizes[-1])
-            return self._classify([{"role": "user", "content": prompt}, messages[-1]])
-        return self._classify(messages[start:])
+            return self._classify([{"role": "user", "content": prompt}, messages[-1]], cancel=cancel)
+        return self._classify(messages[start:], cancel=cancel)
 
     def _tail_text(self, text: str, max_tokens: int) -> str:
         ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         return self.tokenizer.decode(ids[-max(max_tokens - 8, 0):]) if max_tokens > 8 else ""
 
-    def _check_windows(self, messages: list[dict]) -> Verdict:
+    def _check_windows(self, messages: list[dict], cancel=None) -> Verdict:
         """A message longer than the budget: overlapping windows, the first unsafe one blocks."""
         s = self.settings
         last = messages[-1]
@@ -221,7 +230,7 @@ class Guard:
         verdict = Verdict(True)
         for start in range(0, max(len(ids) - s.window_overlap, 1), size - s.window_overlap):
             window = self.tokenizer.decode(ids[start : start + size])
-            verdict = self._classify(context + [{"role": last["role"], "content": window}])
+            verdict = self._classify(context + [{"role": last["role"], "content": window}], cancel=cancel)
             if not verdict.safe:
                 return verdict
         return verdict

@@ -71,6 +71,7 @@ class StreamModerator:
         self._last = None
         self.text = ""  # the reply so far
         self.released = 0  # characters of `text` handed on
+        self.checked = 0  # characters of `text` a passed check has covered
         self.unchecked_tokens = 0
         self.verdicts: list[Verdict] = []
         self.failed: Verdict | None = None
@@ -120,6 +121,7 @@ class StreamModerator:
             self.sentence_tokens = self.interval // 2
         self._fed_s, self._last = 0.0, time.perf_counter()
         if verdict.safe:
+            self.checked = len(self.text)
             pending = self.text[self.released :]
             return [self._release()] if pending else []
         self.failed = verdict

@@ -57,9 +57,10 @@ def _let_compiles_finish() -> None:
 
 
 def exit_process(code: int):
-    """`sys.exit(code)`, but a compile still running in the background is abandoned, not waited for
-    (up to ~30 s cold): the process ends at once, with `code`, after flushing its output."""
-    if any(thread.is_alive() for thread in _running):
+    """`sys.exit(code)`, but background threads still at work (a compile, up to ~30 s cold; in the app a
+    reply, a check or a model load) are abandoned, not waited for: the process ends at once, with `code`,
+    after flushing its output. What they store is in SQLite transactions: a cut one leaves nothing."""
+    if any(t.is_alive() for t in threading.enumerate() if t is not threading.main_thread()):
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
             try:

@@ -6,6 +6,11 @@ import functools
 from typing import Sequence
 
 PREFILL_CHUNK = 512  # bounds activation memory on long prompts
+CANCEL_CHUNK = 128  # a cancellable prefill's chunk: how often it looks at its cancel event
+
+
+class Cancelled(Exception):
+    """A cancellable forward pass was cancelled between chunks (the cache keeps what it computed)."""
 GROW = 256  # positions a growing cache layer adds at least when it runs out of room
 
 
@@ -110,18 +115,22 @@ class PrefixCache:
             self.cache.crop(n - len(self.ids))  # a negative count removes that many from the end
             del self.ids[n:]
 
-    def forward(self, ids: Sequence[int], rows: Sequence[int] | None = None):
+    def forward(self, ids: Sequence[int], rows: Sequence[int] | None = None, cancel=None):
         """Run `ids` after what is cached; return the logits of the last position: the whole vocabulary,
-        or only the output rows `rows` (the rest of the output layer is then never read)."""
+        or only the output rows `rows` (the rest of the output layer is then never read). With `cancel` (a
+        threading.Event) it raises Cancelled, between smaller chunks, once the event is set."""
         import torch
 
         if self.cache is None:
             self.cache = new_cache(self.model.config)
         logits = None
-        for start in range(0, len(ids), PREFILL_CHUNK):
-            chunk = list(ids[start : start + PREFILL_CHUNK])
+        size = PREFILL_CHUNK if cancel is None else CANCEL_CHUNK
+        for start in range(0, len(ids), size):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            chunk = list(ids[start : start + size])
             x = torch.tensor([chunk], device=self.model.device)
-            last = start + PREFILL_CHUNK >= len(ids)
+            last = start + size >= len(ids)
             try:
                 if rows is not None and last:
                     hidden = self.model.get_decoder()(input_ids=x, cache=self.cache, use_cache=True).last_hidden_state
@@ -138,10 +147,10 @@ class PrefixCache:
             self.ids.extend(chunk)
         return logits
 
-    def extend_to(self, ids: Sequence[int], rows: Sequence[int] | None = None):
+    def extend_to(self, ids: Sequence[int], rows: Sequence[int] | None = None, cancel=None):
         """Make the cache hold exactly `ids` and return the last position's logits (see `forward`);
         reuses the longest common prefix, always recomputing at least the last id.
         Returns (logits, reused_count)."""
         keep = min(common_prefix(self.ids, ids), len(ids) - 1)
         self.crop(keep)
-        return self.forward(ids[keep:], rows), keep
+        return self.forward(ids[keep:], rows, cancel), keep

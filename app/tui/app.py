@@ -7,9 +7,11 @@ session only, never to the model or the guard.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from textual import on, work
@@ -21,12 +23,13 @@ from textual.widgets import Footer, Input, Static
 from textual.worker import Worker, WorkerState
 
 from app.config import Config
-from app.errors import LlamaChatError
+from app.errors import HistoryDamaged, LlamaChatError
 from app.history import History
-from app.session import Blocked, ChatSession, Done, Engine, Error, Released, Retracted, Screened, UserStored, refusal
+from app.session import (Blocked, Changed, ChatSession, Done, Engine, Error, Released, Retracted, Screened, UserStored,
+                         refusal)
 from app.tui.conversations import ConversationList, ConversationsMixin
 from app.tui.dialogs import DialogsMixin
-from app.tui.screens import FirstRunScreen, VerdictScreen
+from app.tui.screens import ConfirmScreen, FirstRunScreen, VerdictScreen
 from app.tui.widgets import MessageView, PromptArea, StatusBar
 
 FRAME_S = 1 / 30  # how often streamed text reaches the screen
@@ -49,6 +52,29 @@ class LoadProgress(Message):
     def __init__(self, text: str):
         super().__init__()
         self.text = text
+
+
+class DetachedExecutor(ThreadPoolExecutor):
+    """Runs each thread worker (model load, turn, download) on a daemon thread that nobody joins: quitting
+    never waits for one (asyncio's default executor is joined when the event loop closes, so Ctrl+Q
+    waited for a load or a long check). `llama-chat` then ends the process (model.compiled.exit_process).
+    A ThreadPoolExecutor only because asyncio accepts no other kind; its pool is never used."""
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        future = Future()
+
+        def run() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as e:
+                    future.set_exception(e)
+
+        threading.Thread(target=run, daemon=True, name="llama-chat-worker").start()
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        pass  # nothing to join
 
 
 def short_name(source: str) -> str:
@@ -80,8 +106,8 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
     def __init__(self, config: Config, *, demo: bool = False, engine_loader=load_engine, animate: bool = True):
         super().__init__()
         self.config, self.demo, self.engine_loader, self.animate = config, demo, engine_loader, animate
-        self.history = History()  # the UI thread's connection; turns use the session's own
-        self.session = ChatSession(History(self.history.path), config)
+        self.history_problem: HistoryDamaged | None = None
+        self.session = ChatSession(self.open_history(), config)
         self.cancel = threading.Event()
         self.guard_state = "loading" if config.guard.enabled else "off"
         self.loading_text = "loading…"
@@ -109,6 +135,7 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
         yield Footer()
 
     def on_mount(self) -> None:
+        asyncio.get_running_loop().set_default_executor(DetachedExecutor())
         self.query_one("#transcript", VerticalScroll).anchor()
         self.refresh_banner()
         self.refresh_status()
@@ -121,6 +148,51 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
                              self.first_run_choice)
         else:
             self.load_models()
+        if self.history_problem is not None:
+            self.offer_recovery()
+        elif self.history.read_only:
+            self.notify(f"History is read-only: {self.history.read_only_reason}. Chats in this window are not stored.",
+                        severity="warning", timeout=20)
+
+    # -- history ---------------------------------------------------------------------------------
+    def open_history(self) -> History:
+        """Open the history for the UI thread (`self.history`); returns the turns' own connection. A
+        damaged file is left alone: the window opens on an empty history that stores nothing, and offers
+        recovery (on_mount)."""
+        from app.paths import database_file
+
+        try:
+            self.history = History()
+            self.history.check()
+            self.history_problem = None
+            return History(self.history.path)
+        except HistoryDamaged as e:
+            self.history_problem = e
+            reason = "the history file is damaged; recover it first (llama-chat history recover)"
+            self.history = History.scratch(database_file(), reason)
+            return History.scratch(database_file(), reason)
+
+    def offer_recovery(self) -> None:
+        def chosen(yes) -> None:
+            if not yes:
+                self.notify("Nothing in this window is stored until the history is recovered.", severity="warning",
+                            timeout=15)
+                return
+            from app.history import recover
+
+            try:
+                r = recover(self.history.path)
+            except LlamaChatError as e:
+                self.notify(e.message, title=e.title, severity="error", timeout=30)
+                return
+            self.session.history = self.open_history()
+            self.refresh_conversations()
+            self.notify(f"Recovered {r.recovered['conversations']} conversations and {r.recovered['messages']} "
+                        f"messages; the damaged file is kept at {r.damaged_copy}.", timeout=15)
+
+        self.push_screen(ConfirmScreen(f"{self.history_problem.message}\n\nRecover it now? What is readable is copied "
+                                       "into a new file; the damaged one is kept beside it.", confirm="Recover"),
+                         chosen)
 
     # -- loading ---------------------------------------------------------------------------------
     def model_missing(self) -> bool:
@@ -207,6 +279,9 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
             self.restore_prompt()
             self.notify(text, title=getattr(error, "title", "Error"), severity="error", timeout=10)
 
+    def on_unmount(self) -> None:
+        self.cancel.set()  # a running reply stops (and is stored as stopped if it gets that far)
+
     # -- status ----------------------------------------------------------------------------------
     def refresh_banner(self) -> None:
         banner = self.query_one("#banner", Static)
@@ -260,6 +335,8 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
                 view.remove()
         self.user_view = MessageView("user", text, status="streaming", guarded=self.session.guarded)
         self.reply_view = MessageView("assistant", "", status="streaming", guarded=self.session.guarded)
+        for view in (self.user_view, self.reply_view):
+            view.add_class("running")
         transcript.mount_all([self.user_view, self.reply_view])
         self.start_turn("edit" if self.editing is not None else "send", text, self.editing)
         self.editing = None
@@ -298,7 +375,14 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
 
     async def on_turn_event(self, message: TurnEvent) -> None:
         e, reply = message.event, self.reply_view
-        if isinstance(e, UserStored) and self.user_view:
+        if isinstance(e, Changed):  # show the turns stored elsewhere, before the one now running
+            self.notify(e.message, severity="warning", timeout=8)
+            transcript = self.query_one("#transcript", VerticalScroll)
+            await transcript.query(MessageView).exclude(".running").remove()
+            views = self.message_views([m for m in self.history.messages(e.conversation_id) if m.id <= e.latest])
+            if views:
+                await transcript.mount_all(views, before=0)
+        elif isinstance(e, UserStored) and self.user_view:
             self.user_view.message_id = e.message_id
             self.refresh_conversations(self.query_one("#search", Input).value)
         elif isinstance(e, Screened):
@@ -328,7 +412,15 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
             self.notify(e.message, title=getattr(e.error, "title", "Error"), severity="error", timeout=10)
         elif isinstance(e, Done):
             await self.stop_stream()
-            if self.user_view and self.user_view.status == "streaming":
+            if e.message_id is None and e.status == "stopped":  # Esc during the input check: nothing was sent
+                if self.user_view:
+                    self.user_view.update_state(status="stopped")
+                if reply:
+                    await reply.remove()
+                    self.reply_view = None
+                self.restore_prompt()
+                self.notify("Stopped before your message was screened; it was not sent.", timeout=5)
+            elif self.user_view and self.user_view.status == "streaming":
                 self.user_view.update_state(status="complete")
             if reply and e.message_id is not None:
                 reply.message_id = e.message_id
@@ -344,6 +436,9 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
 
     def finish_turn(self) -> None:
         self.busy = False
+        for view in (self.user_view, self.reply_view):
+            if view is not None:
+                view.remove_class("running")
         self.refresh_status()
         self.refresh_conversations(self.query_one("#search", Input).value)
 

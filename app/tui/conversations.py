@@ -6,11 +6,14 @@ collected from App subclasses themselves).
 
 from __future__ import annotations
 
+import functools
+
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import Input, OptionList
 from textual.widgets.option_list import Option
 
+from app.errors import LlamaChatError
 from app.tui.screens import ConfirmScreen, TextInputScreen
 from app.tui.widgets import MessageView, PromptArea
 
@@ -29,7 +32,19 @@ class ConversationList(OptionList):
         self.app.action_export_conversation()
 
 
+def reported(method):
+    """A UI-thread action whose failure (a damaged or busy history) is shown; raised, it would end the app."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except LlamaChatError as e:
+            self.app.notify(e.message, title=e.title, severity="error", timeout=20)
+    return run
+
+
 class ConversationsMixin:
+    @reported
     def refresh_conversations(self, query: str = "") -> None:
         listing = self.query_one("#conversations", ConversationList)
         listing.clear_options()
@@ -56,24 +71,27 @@ class ConversationsMixin:
             return
         self.open_conversation(int(event.option.id[1:]))
 
+    @reported
     def open_conversation(self, cid: int) -> None:
         conv = self.session.open(cid)
         self.editing = None
         transcript = self.query_one("#transcript", VerticalScroll)
         transcript.remove_children()
-        transcript.mount_all([MessageView(m.role, self.display_text(m.content, m.status, m.verdicts), message_id=m.id,
-                                          status=m.status, verdicts=m.verdicts, guarded=m.guarded)
-                              for m in conv.messages])
+        transcript.mount_all(self.message_views(conv.messages))
         last = next((m.stats for m in reversed(conv.messages) if m.stats), None)
         self._stats = last or {}
         self.refresh_status()
         self.query_one("#prompt", PromptArea).focus()
 
+    def message_views(self, messages) -> list[MessageView]:
+        return [MessageView(m.role, self.display_text(m), message_id=m.id, status=m.status, verdicts=m.verdicts,
+                            guarded=m.guarded) for m in messages]
+
     @staticmethod
-    def display_text(text: str, status: str, verdicts: list) -> str:
-        if status != "blocked":
-            return text
-        failed = [v for v in verdicts if not v["safe"]]
+    def display_text(m) -> str:
+        if m.status != "blocked":
+            return m.marked_text()
+        failed = [v for v in m.verdicts if not v["safe"]]
         names = ", ".join(failed[-1]["category_names"]) if failed else ""
         return f"*Blocked by Llama Guard ({names or 'unsafe content'}).*"
 
@@ -83,35 +101,40 @@ class ConversationsMixin:
             return int(listing.get_option_at_index(listing.highlighted).id[1:])
         return self.session.conversation_id
 
+    @reported
     def action_rename_conversation(self) -> None:
         cid = self.selected_conversation()
         if cid is None:
             return
-
-        def renamed(title):
-            if title:
-                self.history.update_conversation(cid, title=title)
-                self.refresh_conversations(self.query_one("#search", Input).value)
-
         title = self.history.get_conversation(cid, with_messages=False).title
-        self.push_screen(TextInputScreen("Rename conversation", title, screen_id="rename"), renamed)
+        self.push_screen(TextInputScreen("Rename conversation", title, screen_id="rename"),
+                         functools.partial(self.rename_to, cid))
 
+    @reported
+    def rename_to(self, cid: int, title: str | None) -> None:
+        if title:
+            self.history.update_conversation(cid, title=title)
+            self.refresh_conversations(self.query_one("#search", Input).value)
+
+    @reported
     def action_delete_conversation(self) -> None:
         cid = self.selected_conversation()
         if cid is None or self.busy:
             return
         title = self.history.get_conversation(cid, with_messages=False).title
+        self.push_screen(ConfirmScreen(f"Delete “{title}” and all its messages?"),
+                         functools.partial(self.delete_confirmed, cid, title))
 
-        def confirmed(yes):
-            if yes:
-                self.history.delete_conversation(cid)
-                if self.session.conversation_id == cid:
-                    self.action_new_chat()
-                self.refresh_conversations(self.query_one("#search", Input).value)
-                self.notify(f"Deleted “{title}”.")
+    @reported
+    def delete_confirmed(self, cid: int, title: str, yes: bool) -> None:
+        if yes:
+            self.history.delete_conversation(cid)
+            if self.session.conversation_id == cid:
+                self.action_new_chat()
+            self.refresh_conversations(self.query_one("#search", Input).value)
+            self.notify(f"Deleted “{title}”.")
 
-        self.push_screen(ConfirmScreen(f"Delete “{title}” and all its messages?"), confirmed)
-
+    @reported
     def action_export_conversation(self) -> None:
         """Markdown and JSON copies in the data folder's exports/, readable by the owner only, under names
         not yet taken (an earlier export is never overwritten); a failure is shown, nothing half-written kept."""

@@ -118,8 +118,9 @@ def test_kill_9_mid_reply_keeps_message_and_partial_reply(tiny_llama_dir):
 
 
 @pytest.mark.slow
-def test_kill_9_mid_reply_keeps_the_checks_of_what_was_shown(tiny_llama_dir, tiny_guard_dir):
-    env = {**os.environ, "LLAMA_CHAT_GUARD_CHECK_EVERY": "8"}
+@pytest.mark.parametrize("mode", ["strict", "fast"])
+def test_kill_9_mid_reply_keeps_the_checks_of_what_was_shown(tiny_llama_dir, tiny_guard_dir, mode):
+    env = {**os.environ, "LLAMA_CHAT_GUARD_CHECK_EVERY": "8", "LLAMA_CHAT_GUARD_MODE": mode}
     p = subprocess.Popen([sys.executable, "-m", "app.cli", "ask", "--model", str(tiny_llama_dir), "--guard-model",
                           str(tiny_guard_dir), "--guard-precision", "bf16", "--max-new-tokens", "7000",
                           "Write a very long story."], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
@@ -136,6 +137,10 @@ def test_kill_9_mid_reply_keeps_the_checks_of_what_was_shown(tiny_llama_dir, tin
     assert [v["stage"] for v in user["verdicts"]] == ["input"]
     output = [v for v in reply["verdicts"] if v["stage"] == "output"]
     assert reply["status"] == "interrupted" and output and all(v["safe"] for v in output)
+    if mode == "strict":  # only checked text was shown and stored
+        assert reply["checked_chars"] is None
+    else:  # shown before checked: the stored reply says how far its checks got
+        assert 0 < reply["checked_chars"] <= len(reply["content"])
 
 
 @pytest.mark.slow

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -169,7 +171,7 @@ def test_a_read_only_history_file_is_read_never_changed():
     ro = History(path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o400  # not set back to 0600
     assert [c.title for c in ro.list_conversations()] == ["Paris trip"] and ro.search("paris")
-    with pytest.raises(HistoryError, match="is read-only, so nothing can be stored") as e:
+    with pytest.raises(HistoryError, match=r"cannot be changed \(the file is read-only") as e:
         ro.add_message(cid, "user", "more")
     assert f"chmod u+w {path}" in e.value.message
     ro.close()
@@ -186,3 +188,146 @@ def test_a_reused_writer_pid_does_not_keep_a_reply_streaming(tmp_path):
         db.execute("UPDATE messages SET writer_started = writer_started - 1 WHERE id = ?", (dead,))
     h.add_message(cid, "assistant", "still writing", status="streaming")  # this process writes it
     assert [m.status for m in History(h.path).messages(cid)] == ["interrupted", "streaming"]
+
+
+# -- damage, locks and permissions (issue 20, item 4) --------------------------------------------------
+def filled_history(path, conversations=30, per_conversation=20) -> dict[int, list[tuple]]:
+    """A history of long-ish messages; returns each conversation's (role, content) rows."""
+    h = History(path)
+    want = {}
+    for c in range(conversations):
+        cid = h.create_conversation(f"chat {c}")
+        want[cid] = []
+        for i in range(per_conversation):
+            role, text = ("user" if i % 2 == 0 else "assistant"), f"conversation {c} message {i} " + "lorem ipsum " * 20
+            m = h.add_message(cid, role, text)
+            h.add_verdict(m, Verdict(True, score=0.01, stage="input" if role == "user" else "output"))
+            want[cid].append((role, text))
+    h.close()
+    return want
+
+
+def damage(path, kind: str) -> int | None:
+    """Damage `path` as a disk or a careless program would; returns the page overwritten, if one was."""
+    data = path.read_bytes()
+    if kind == "truncated":
+        path.write_bytes(data[: len(data) * 2 // 3])
+    elif kind == "zeroed-header":
+        path.write_bytes(bytes(100) + data[100:])
+    elif kind == "text":
+        path.write_text("these are my notes, not a database\n" * 50)
+    else:  # a 4 KB page in the middle of the messages table overwritten with garbage
+        db = sqlite3.connect(path)
+        pages = [r[0] for r in db.execute("SELECT pageno FROM dbstat WHERE name = 'messages' AND pagetype = 'leaf'"
+                                          " ORDER BY pageno")]
+        db.close()
+        page = pages[len(pages) // 2]
+        with open(path, "r+b") as f:
+            f.seek((page - 1) * 4096)
+            f.write(os.urandom(4096))
+        return page
+    return None
+
+
+def cli(*args, user=None):
+    cmd = [sys.executable, "-m", "app.cli", *args]
+    if user == "other" and os.geteuid() == 0:  # root may write anywhere: read as an unprivileged user
+        cmd = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "page", "zeroed-header", "text"])
+def test_a_damaged_history_is_named_left_unchanged_and_recovery_is_offered(kind):
+    from app.paths import database_file
+
+    path = database_file()
+    filled_history(path)
+    damage(path, kind)
+    before = path.read_bytes()
+    failures = 0
+    for args in (["history", "list"], ["history", "show", "15"], ["history", "search", "lorem"],
+                 ["history", "export", "15"], ["history", "delete", "15"]):
+        r = cli(*args)
+        assert "unexpected error" not in r.stderr and "Traceback" not in r.stderr
+        if r.returncode:
+            failures += 1
+            assert r.returncode == 1 and str(path) in r.stderr and "llama-chat history recover" in r.stderr
+    assert failures  # every kind of damage shows somewhere
+    assert path.read_bytes() == before
+    with pytest.raises(HistoryError, match="is damaged"):
+        History(path).check() if kind in ("page", "truncated") else History(path)
+
+
+@pytest.mark.parametrize("kind", ["page", "zeroed-header", "truncated"])
+def test_recover_copies_every_intact_conversation_and_keeps_the_original(kind):
+    from app.history import recover
+    from app.paths import database_file
+
+    path = database_file()
+    want = filled_history(path)
+    damage(path, kind)
+    damaged = path.read_bytes()
+    r = cli("history", "recover")
+    assert r.returncode == 0, r.stderr
+    kept = [p for p in path.parent.iterdir() if ".damaged-" in p.name and not p.name.endswith(("-wal", "-shm"))]
+    assert len(kept) == 1 and kept[0].read_bytes() == damaged and str(kept[0]) in r.stdout
+    h = History(path)
+    h.check()  # the new file is whole
+    got = {c.id: [(m.role, m.content) for m in h.messages(c.id)] for c in h.list_conversations()}
+    intact = [cid for cid in want if got.get(cid) == want[cid]]
+    lost = sum(len(set(want[cid]) - set(got.get(cid, []))) for cid in want)
+    if kind == "zeroed-header":
+        assert len(intact) == 30 and lost == 0
+    elif kind == "page":  # one leaf page of messages is gone: at most its rows, every other conversation whole
+        assert 0 < lost <= 12 and len(intact) >= 30 - lost and len(got) == 30
+    else:  # the last third of the file is gone
+        assert 0 < len(intact) < 30
+    assert f"{h.db.execute('SELECT count(*) FROM messages').fetchone()[0]} messages" in r.stdout
+    if kind != "truncated":  # (there, verdict pages went too)
+        assert all(m.verdicts for cid in got for m in h.messages(cid))  # verdicts came with their messages
+    assert len(h.search("lorem")) == sum(bool(m) for m in got.values()) > 0  # the search index was rebuilt
+    h.close()
+    with pytest.raises(HistoryError, match="no history file"):
+        recover(path.with_name("missing.sqlite3"))
+
+
+def test_reading_needs_no_write_access_and_no_lock(monkeypatch):
+    import tempfile
+
+    from app.paths import database_file
+
+    home = Path(tempfile.mkdtemp(prefix="llama-chat-shared-"))  # outside pytest's owner-only folders
+    monkeypatch.setenv("LLAMA_CHAT_HOME", str(home))
+    path = database_file()
+    filled_history(path, conversations=3, per_conversation=2)
+    # Another program holds the write lock: reading commands do not wait for it.
+    holder = subprocess.Popen([sys.executable, "-c", "import sqlite3, sys, time; db = sqlite3.connect(sys.argv[1], "
+                               "isolation_level=None); db.execute('BEGIN IMMEDIATE'); print('locked', flush=True); "
+                               "time.sleep(60)", str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        r = cli("history", "list")
+        assert r.returncode == 0 and "chat 2" in r.stdout, r.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    # A folder and file others may read but not write (root is made such a user for this).
+    os.chmod(path, 0o444)
+    for folder in (path.parent, home):
+        os.chmod(folder, 0o555 if os.geteuid() else 0o755)
+    before = path.read_bytes()
+    try:
+        for args in (["history", "list"], ["history", "show", "1"], ["history", "search", "lorem"]):
+            r = cli(*args, user="other")
+            assert r.returncode == 0 and "chat 0" in r.stdout, r.stderr
+        r = cli("history", "delete", "1", user="other")
+        assert r.returncode == 1 and "cannot be changed" in r.stderr and "Traceback" not in r.stderr
+        os.chmod(path, 0o400)  # a file this user may not even read: named, no traceback
+        r = cli("history", "list", user="other")
+        assert r.returncode == 1 and f"{path} cannot be" in r.stderr and "permissions" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr and "unexpected" not in r.stderr
+    finally:
+        for folder in (path.parent, home):
+            os.chmod(folder, 0o700)
+    assert path.read_bytes() == before and stat.S_IMODE(path.stat().st_mode) == 0o400
+    shutil.rmtree(home)

@@ -56,7 +56,7 @@ class ScriptedGuard:
 
     name = "meta-llama/Llama-Guard-3-1B"
 
-    def check(self, messages, *, stage=None):
+    def check(self, messages, *, stage=None, cancel=None):
         unsafe = KEYWORD in messages[-1]["content"]
         stage = stage or ("input" if len(messages) % 2 else "output")
         if unsafe:

@@ -271,3 +271,140 @@ def test_export_never_overwrites_is_owner_only_and_reports_failures(present_mode
                        for n in app._notifications)
 
     run(go())
+
+
+def test_a_damaged_history_opens_with_a_notice_and_recovers_in_place(present_model):
+    """Issue 20, item 4: the window opens on a damaged file, says so, stores nothing, and recovers it."""
+    from app.paths import database_file
+    from app.tui.screens import ConfirmScreen
+    from tests.app.test_history import damage, filled_history
+
+    path = database_file()
+    filled_history(path, conversations=12)
+    damage(path, "page")
+
+    async def go():
+        app = LlamaChatApp(make_config(present_model), engine_loader=scripted_loader(), animate=False)
+        async with app.run_test(size=(100, 30), notifications=True) as pilot:
+            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+            assert str(path) in app.screen.question and "is damaged" in app.screen.question
+            assert app.query_one("#conversations").option_count == 0 and app.history.read_only
+            await pilot.click("#yes")
+            await wait_for(pilot, lambda: app.query_one("#conversations").option_count == 12)
+            assert any("Recovered 12 conversations" in n.message for n in app._notifications)
+            assert [p for p in path.parent.iterdir() if ".damaged-" in p.name]
+            await wait_for(pilot, lambda: app.session.engine is not None)
+            await send(pilot, app, "Tell me about Paris")  # stored in the recovered file
+            assert app.session.history.get_conversation(app.session.conversation_id).messages[-1].status == "complete"
+
+    run(go())
+
+
+def test_esc_cancels_the_input_check(present_model):
+    """Issue 20, item 9: Esc while the guard screens the message stops the check; nothing is sent."""
+    import threading
+
+    from guard.classifier import CheckCancelled
+    from tests.helpers.scripted import ScriptedGuard
+
+    class SlowGuard(ScriptedGuard):  # the real guard's contract: a set cancel event raises CheckCancelled
+        started = threading.Event()
+
+        def check(self, messages, *, stage=None, cancel=None):
+            self.started.set()
+            if stage == "input" and cancel is not None and cancel.wait(30):
+                raise CheckCancelled("cancelled")
+            return super().check(messages, stage=stage)
+
+    runner, guard = ScriptedRunner(), SlowGuard()
+
+    async def go():
+        app = LlamaChatApp(make_config(present_model), engine_loader=scripted_loader(runner, guard), animate=False)
+        async with app.run_test(size=(100, 30), notifications=True) as pilot:
+            await wait_for(pilot, lambda: app.session.engine is not None)
+            prompt = app.query_one("#prompt", PromptArea)
+            prompt.text = "A long question"
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: guard.started.is_set())
+            await pilot.press("escape")
+            await wait_for(pilot, lambda: not app.busy)
+            (user,) = views(app)
+            assert user.status == "stopped" and "not screened" in str(user.query_one(".badge").render())
+            assert prompt.text == "A long question" and runner.prompts == []  # kept to resend; the model never ran
+            assert app.history.messages(app.session.conversation_id)[0].status == "stopped"
+
+    run(go())
+
+
+def test_a_turn_stored_elsewhere_is_shown_before_the_next_one(present_model):
+    """Issue 20, item 2: `ask --conversation ID` while the window has it open: the window says so and shows
+    that turn; the model gets both turns, each question with its own answer."""
+    from app.history import History
+
+    runner = ScriptedRunner(reply="Noted.")
+
+    async def go():
+        app = LlamaChatApp(make_config(present_model, guard=False), engine_loader=scripted_loader(runner),
+                           animate=False)
+        async with app.run_test(size=(100, 30), notifications=True) as pilot:
+            await wait_for(pilot, lambda: app.session.engine is not None)
+            await send(pilot, app, "First, here")
+            other = History(app.history.path)  # another process's connection
+            q = other.add_message(app.session.conversation_id, "user", "Asked elsewhere")
+            other.add_message(app.session.conversation_id, "assistant", "Answered elsewhere", parent_id=q)
+            await send(pilot, app, "Second, here")
+            assert any("changed elsewhere" in n.message for n in app._notifications)
+            assert [v.text for v in views(app)] == ["First, here", "Noted.", "Asked elsewhere", "Answered elsewhere",
+                                                    "Second, here", "Noted."]
+            assert [m["content"] for m in runner.prompts[-1]][-3:] == ["Asked elsewhere", "Answered elsewhere",
+                                                                      "Second, here"]
+
+    run(go())
+
+
+QUIT_DRIVER = """
+import threading
+from app.config import load_config
+from app.tui.app import LlamaChatApp
+from model.compiled import exit_process
+
+def never_done(config, *, demo, progress):  # background work that would take forever
+    progress("loading forever…")
+    threading.Event().wait()
+
+LlamaChatApp(load_config(), engine_loader=never_done).run()
+exit_process(0)
+"""
+
+
+@pytest.mark.slow
+def test_quit_never_waits_for_background_work(present_model, tmp_path):
+    """Issue 20, item 7, in a real process on a real terminal: Ctrl+Q while a worker is busy ends the
+    process at once (it waited for the worker: a compile, a load, a long check)."""
+    import os
+    import pty
+    import select
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "LLAMA_CHAT_MODEL_SOURCE": str(present_model), "LLAMA_CHAT_GUARD_ENABLED": "false",
+           "TERM": "xterm-256color", "COLUMNS": "100", "LINES": "30"}
+    main, child = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-c", QUIT_DRIVER], stdin=child, stdout=child, stderr=child, env=env,
+                         close_fds=True)
+    os.close(child)
+    seen, deadline = b"", time.monotonic() + 60
+    while b"loading forever" not in seen and time.monotonic() < deadline:
+        if select.select([main], [], [], 0.2)[0]:
+            seen += os.read(main, 65536)
+    assert b"loading forever" in seen, "the app never drew"
+    os.write(main, b"\x11")  # Ctrl+Q
+    try:
+        code = p.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise AssertionError("Ctrl+Q did not end the app: it waited for the background worker") from None
+    finally:
+        os.close(main)
+    assert code == 0
