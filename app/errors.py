@@ -7,6 +7,10 @@ class ConfigError(LlamaChatError):
     title = "Configuration error"
 
 
+class UsageError(LlamaChatError):
+    title = "Usage"
+
+
 class HistoryError(LlamaChatError):
     title = "History error"
 

@@ -12,6 +12,7 @@ import datetime as _dt
 import threading
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Iterator
 
 from app.config import Config
@@ -32,7 +33,7 @@ class UserStored:
 
 @dataclass(frozen=True)
 class Screened:
-    """A guard verdict on a stored message (input check, or the final output check)."""
+    """A guard verdict on a stored message: the input check, and each check of the reply as it is stored."""
 
     message_id: int
     verdict: object
@@ -168,6 +169,7 @@ class ChatSession:
         self.system_prompt = config.preset(config.prompts.default) if config.prompts.default else ""
         self._busy = threading.Lock()
         self._seen: int | None = None  # the newest message id of the open conversation this session knows
+        self.checking: str | None = None  # the stage of the guard check running now, if one is (`live`)
 
     @property
     def guarded(self) -> bool:
@@ -215,6 +217,20 @@ class ChatSession:
         system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         return system + exchange
 
+    def live(self) -> dict:
+        """The running turn's figures so far (the runner's stats, updated as it decodes) and the stage of the
+        guard check running now ('checking': input, output or None), for a status bar."""
+        stats = getattr(self.engine.runner, "last_stats", None) if self.engine else None
+        return {**(stats.to_dict() if stats else {}), "checking": self.checking}
+
+    def _check(self, messages, **kw):
+        """A guard check, noted in `checking` while it runs."""
+        self.checking = kw.get("stage")
+        try:
+            return self.engine.guard.check(messages, **kw)
+        finally:
+            self.checking = None
+
     # -- turns -----------------------------------------------------------------------------------
     def send(self, text: str, *, cancel: threading.Event | None = None) -> Iterator:
         """Store, screen and answer `text`."""
@@ -242,7 +258,7 @@ class ChatSession:
                 from guard.classifier import CheckCancelled
 
                 try:
-                    verdict = self.engine.guard.check(exchange, stage="input", cancel=cancel)
+                    verdict = self._check(exchange, stage="input", cancel=cancel)
                 except CheckCancelled:  # not screened, so not sent: kept, marked stopped, never in context
                     self.history.update_message(user_id, status="stopped")
                     yield Done(None, "stopped")
@@ -288,11 +304,12 @@ class ChatSession:
 
         runner, guard, g = self.engine.runner, self.engine.guard, self.config.guard
         gen = self.config.generation
-        sampling = Sampling(gen.temperature, gen.top_p, None, gen.seed, gen.max_new_tokens)
+        sampling = Sampling(gen.temperature, gen.top_p, None, gen.seed, gen.max_new_tokens, gen.repetition_penalty)
         reply_id = self.history.add_message(self.conversation_id, "assistant", "", status="streaming",
                                             guarded=self.guarded, parent_id=parent_id)
         self._seen = reply_id
-        moderator = StreamModerator(guard, exchange, mode=g.mode, check_every=g.check_every,
+        watched = SimpleNamespace(check=self._check)  # the guard, as the moderator calls it
+        moderator = StreamModerator(watched, exchange, mode=g.mode, check_every=g.check_every,
                                     guard_share=GUARD_SHARE) if guard else None
         generated, shown, last_write, failed, stored = "", "", time.monotonic(), None, 0
 
@@ -300,6 +317,7 @@ class ChatSession:
             nonlocal shown, failed, stored
             for v in moderator.verdicts[stored:] if moderator else ():  # as each check is made: a killed
                 self.history.add_verdict(reply_id, v)  # process leaves the checks of what it showed
+                yield Screened(reply_id, v)
             if moderator and len(moderator.verdicts) > stored and moderator.mode == "fast":
                 # shown before checked: the stored reply says how much of it its checks passed
                 self.history.update_message(reply_id, content=moderator.text[:moderator.released],
@@ -334,7 +352,6 @@ class ChatSession:
         stats = runner.last_stats.to_dict() if runner.last_stats else {}
         if moderator and moderator.verdicts:
             stats["guard_s"] = round(sum(v.latency_s for v in moderator.verdicts), 4)
-            yield Screened(reply_id, moderator.verdicts[-1])
         if failed is not None:
             status, content = "blocked", generated  # kept for audit; never shown or sent to the model again
         else:

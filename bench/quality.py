@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from model.quant import kernel, quantize_model
 
     if args.model is None:
-        from app.cli import demo_model_path
+        from app.demo import demo_model_path
 
         args.model = demo_model_path()
     configure_threads("cpu")

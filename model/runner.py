@@ -11,7 +11,7 @@ import datetime as _dt
 import threading
 from collections import OrderedDict
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
 
 from model.attention import use_grouped_attention
@@ -38,6 +38,7 @@ class TurnStats:
     dropped_messages: int = 0
     stop_reason: str = ""  # eos, length or cancelled
     compiled_steps: int = 0  # decode steps that ran compiled (see model.compiled)
+    sampling: dict = field(default_factory=dict)  # what the reply was sampled with (Sampling.to_dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -200,7 +201,8 @@ class Runner:
             t0 = time.perf_counter()
             ids, dropped = self.fit(messages, date=date or _dt.date.today(), max_new_tokens=s.max_new_tokens)
             budget = min(s.max_new_tokens, self.context_window - len(ids))
-            stats = TurnStats(prompt_tokens=len(ids), trimmed=dropped > 0, dropped_messages=dropped)
+            stats = TurnStats(prompt_tokens=len(ids), trimmed=dropped > 0, dropped_messages=dropped,
+                              sampling=s.to_dict())
             self.last_stats = stats
             generator = torch.Generator().manual_seed(s.seed) if s.seed is not None else None
             out = TextStream(self.tokenizer)
@@ -215,7 +217,7 @@ class Runner:
                     logits, stats.cached_tokens = self._kv.extend_to(ids)
                     dt = time.perf_counter() - t
                     stats.prefill_tok_s = (len(ids) - stats.cached_tokens) / dt if dt > 0 else 0.0
-                    token = next_token(logits, s, generator)
+                    token = next_token(logits, s, generator, self._kv.ids[-s.repeat_last_n:])
                     t_first = time.perf_counter()
                     stats.ttft_s = t_first - t0
                     while True:
@@ -223,6 +225,8 @@ class Runner:
                             stats.stop_reason = "eos"
                             break
                         stats.new_tokens += 1
+                        if stats.new_tokens > 1:  # kept current while decoding: a status bar reads it live
+                            stats.decode_tok_s = (stats.new_tokens - 1) / (time.perf_counter() - t_first)
                         delta = out.push(token)
                         if delta:
                             yield delta
@@ -236,7 +240,7 @@ class Runner:
                             self._place(len(self._kv.ids) + 1)
                             stats.compiled_steps += self._kv.step is not None
                         logits = self._kv.forward([token])
-                        token = next_token(logits, s, generator)
+                        token = next_token(logits, s, generator, self._kv.ids[-s.repeat_last_n:])
                     elapsed = time.perf_counter() - t_first
                     if stats.new_tokens > 1 and elapsed > 0:
                         stats.decode_tok_s = (stats.new_tokens - 1) / elapsed

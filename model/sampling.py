@@ -1,4 +1,5 @@
-"""Next-token choice: greedy at temperature 0, else temperature, top-k and top-p sampling."""
+"""Next-token choice: a repetition penalty, then greedy at temperature 0, else temperature, top-k and top-p
+sampling."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ class Sampling:
     top_k: int | None = None
     seed: int | None = None
     max_new_tokens: int = 512
+    repetition_penalty: float | None = None  # llama.cpp's and Ollama's repeat_penalty; 1 is off
+    repeat_last_n: int = 64  # how many of the latest ids (prompt and reply) the penalty looks at
 
     def resolved(self, defaults: dict) -> "Sampling":
         return Sampling(
@@ -22,7 +25,15 @@ class Sampling:
             top_k=defaults.get("top_k", 0) if self.top_k is None else self.top_k,
             seed=self.seed,
             max_new_tokens=self.max_new_tokens,
+            repetition_penalty=(defaults.get("repetition_penalty", 1.0) if self.repetition_penalty is None
+                                else self.repetition_penalty),
+            repeat_last_n=self.repeat_last_n,
         )
+
+    def to_dict(self) -> dict:
+        """What a reply was sampled with, for its stored stats."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "seed": self.seed,
+                "repetition_penalty": self.repetition_penalty}
 
     def validate(self) -> None:
         if self.temperature is not None and self.temperature < 0:
@@ -33,12 +44,30 @@ class Sampling:
             raise ValueError(f"top_k must be 0 (off) or more, not {self.top_k}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, not {self.max_new_tokens}")
+        if self.repetition_penalty is not None and not 0 < self.repetition_penalty <= 2:
+            raise ValueError(f"repetition_penalty must be above 0 and at most 2 (1 is off), not {self.repetition_penalty}")
 
 
-def next_token(logits, s: Sampling, generator) -> int:
-    """Pick the next id from a 1-D logits row."""
+def penalize(logits, recent, penalty: float | None):
+    """The repetition penalty of CTRL (Keskar et al. 2019), as llama.cpp, Ollama and transformers apply it:
+    each id among `recent` has its logit divided by `penalty` where positive, multiplied where negative, so
+    a token already written is less likely again. Returns new logits (float32)."""
     import torch
 
+    if not penalty or penalty == 1.0 or not len(recent):
+        return logits
+    ids = torch.tensor(sorted(set(recent)), dtype=torch.long, device=logits.device)
+    out = logits.float().clone()
+    picked = out[ids]
+    out[ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return out
+
+
+def next_token(logits, s: Sampling, generator, recent=()) -> int:
+    """Pick the next id from a 1-D logits row; `recent`: the latest ids, for the repetition penalty."""
+    import torch
+
+    logits = penalize(logits, recent, s.repetition_penalty)
     if not s.temperature:
         return int(torch.argmax(logits))
     scores = logits.float().cpu() / s.temperature

@@ -27,12 +27,18 @@ from app.errors import HistoryDamaged, LlamaChatError
 from app.history import History
 from app.session import (Blocked, Changed, ChatSession, Done, Engine, Error, Released, Retracted, Screened, UserStored,
                          refusal)
+from app.tui.clipboard import copy_text
 from app.tui.conversations import ConversationList, ConversationsMixin
 from app.tui.dialogs import DialogsMixin
 from app.tui.screens import ConfirmScreen, FirstRunScreen, VerdictScreen
 from app.tui.widgets import MessageView, PromptArea, StatusBar
 
-FRAME_S = 1 / 30  # how often streamed text reaches the screen
+FRAME_S = 1 / 30  # how often streamed text reaches the screen, at most
+MAX_FRAME_S = 0.5  # ... and at least
+UI_SHARE_CPU = 0.08  # the UI thread's CPU share (of one core) a reply's frames aim at when the model computes
+UI_SHARE_OTHER = 0.5  # on the CPU, and elsewhere (GPU, remote)
+LIVE_S = 0.3  # how often the status bar refreshes while a reply runs
+QUIT_WAIT_S = 3.0  # how long quitting waits for a stopped reply to be stored
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
 
 
@@ -118,6 +124,12 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
         self._stream = None
         self._stats: dict = {}
         self._pending_text = ""
+        self.queued: str | None = None  # a message waiting for the models or the running reply (queue)
+        self.loaded_sources: list[str] = []  # models that loaded in this run, offered again in F2
+        self._turn: Worker | None = None
+        self._live = None  # the status bar's refresh timer while a turn runs
+        self.frame_s = FRAME_S  # the interval the turn worker hands text on at (see pace_frames)
+        self._frame_mark: tuple[float, float] | None = None
 
     # -- layout ----------------------------------------------------------------------------------
     def compose(self) -> ComposeResult:
@@ -207,7 +219,7 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
 
     @staticmethod
     def demo_available() -> bool:
-        from app.cli import demo_model_path
+        from app.demo import demo_model_path
 
         try:
             demo_model_path()
@@ -217,10 +229,13 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
 
     def first_run_choice(self, choice) -> None:
         if choice == "demo":
-            from app.cli import demo_model_path
+            from app.demo import demo_model_path
+
+            from app.demo import use_demo_sampling
 
             self.demo = True
             self.config.model.source = demo_model_path()
+            use_demo_sampling(self.config)
             self.config.guard.enabled = False
             self.guard_state = "off"
             self.refresh_banner()
@@ -252,6 +267,8 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
 
     def on_engine_ready(self, message: EngineReady) -> None:
         self.session.engine = message.engine
+        if self.config.model.source not in self.loaded_sources:
+            self.loaded_sources.append(self.config.model.source)
         message.engine.runner.reset()
         guard = message.engine.guard
         self.guard_state = "off" if guard is None else f"on {getattr(guard, 'precision', '')}".strip() + (
@@ -260,6 +277,7 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
         self.refresh_banner()
         self.refresh_status()
         self.notify(f"{short_name(message.engine.model_name)} is ready.", timeout=3)
+        self.call_later(self.send_queued)
         for note in (getattr(message.engine.runner, "quantize_note", ""), getattr(guard, "precision_note", "")):
             if note:
                 self.notify(note, severity="warning", timeout=15)
@@ -273,14 +291,46 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
             self.guard_state = "error" if self.config.guard.enabled else self.guard_state
             self.loading_text = "not loaded"
             self.refresh_status()
+            self.unqueue("The models did not load, so your message was not sent; it is back in the box.")
+            if event.worker.name == "download_models":  # offline, or no access: try again, or the demo
+                self.push_screen(FirstRunScreen(self.config.model.source, self.config.guard.source,
+                                                self.demo_available(), problem=f"The download failed: {text}"),
+                                 self.first_run_choice)
+                return
             self.notify(text, title=getattr(error, "title", "Could not load the models"), severity="error", timeout=30)
         else:
             self.finish_turn()
             self.restore_prompt()
             self.notify(text, title=getattr(error, "title", "Error"), severity="error", timeout=10)
 
+    def push_screen(self, screen, callback=None, wait_for_dismiss: bool = False):
+        """Every dialog hands focus back to the message box when it closes: restored to the chat list,
+        typed letters opened rename (r), delete (d) or export (x)."""
+        def closed(result) -> None:
+            if callback is not None:
+                callback(result)
+            self.call_after_refresh(self.focus_prompt)
+
+        return super().push_screen(screen, closed, wait_for_dismiss=wait_for_dismiss)
+
+    def focus_prompt(self) -> None:
+        if len(self.screen_stack) == 1:
+            self.query_one("#prompt", PromptArea).focus()
+
+    async def action_quit(self) -> None:
+        """Quit at once: a running reply is stopped and stored as stopped (waiting at most QUIT_WAIT_S for
+        that; the guard's final check of it may be running), then the app exits without waiting for other
+        background work."""
+        self.cancel.set()
+        if self._turn is not None and self._turn.is_running:
+            try:
+                await asyncio.wait_for(self._turn.wait(), QUIT_WAIT_S)
+            except Exception:  # timed out or failed: it is marked interrupted on the next start
+                pass
+        self.exit()
+
     def on_unmount(self) -> None:
-        self.cancel.set()  # a running reply stops (and is stored as stopped if it gets that far)
+        self.cancel.set()
 
     # -- status ----------------------------------------------------------------------------------
     def refresh_banner(self) -> None:
@@ -304,27 +354,63 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
         elif weights and weights != "bf16":
             device += f" {weights}"
         window = getattr(runner, "context_window", None)
-        used = self._stats.get("prompt_tokens", 0) + self._stats.get("new_tokens", 0)
+        stats = self.session.live() if self.busy else self._stats  # while a reply runs: as it runs
+        used = stats.get("prompt_tokens", 0) + stats.get("new_tokens", 0)
         context = f"{used}/{window}" if window and used else (f"0/{window}" if window else "—")
-        speed = f"{self._stats['decode_tok_s']:.1f} tok/s" if self._stats.get("decode_tok_s") else "— tok/s"
-        if self._stats.get("compiled_steps"):
+        speed = f"{stats['decode_tok_s']:.1f} tok/s" if stats.get("decode_tok_s") else "— tok/s"
+        if stats.get("compiled_steps"):
             speed += " (compiled)"
         guard = self.guard_state if not (self.guard_state == "loading" and self.loading_text) else "loading"
+        checking = stats.get("checking") if self.busy else None
+        if checking:
+            guard += " · checking " + ("your message" if checking == "input" else "the reply") + "…"
+        elif self.busy and self.session.guarded and self.config.guard.mode == "strict":
+            guard += " · text shows once checked"
         self.query_one("#status", StatusBar).show(model=name, device=device, guard=guard, context=context, speed=speed)
 
     # -- conversations ---------------------------------------------------------------------------
     # -- chat ------------------------------------------------------------------------------------
     @on(PromptArea.Submitted)
-    def submitted(self, event: PromptArea.Submitted) -> None:
+    async def submitted(self, event: PromptArea.Submitted) -> None:
+        """Send now, or queue the message (one at a time) until the models are ready or the running reply
+        ends. A queued message stays in the box, read-only and labelled; Esc takes it back for editing."""
         text = event.text
-        if not text.strip():
+        if not text.strip() or self.queued is not None:
             return
-        if self.busy:
-            self.notify("A reply is still running: press Esc to stop it.", severity="warning")
+        if self.session.engine is None and self.loading_text in ("not loaded", "no model yet"):
+            self.notify("No model is loaded (see the status bar): your message is kept. Restart llama-chat once "
+                        "the model is in place, or try the demo (llama-chat --demo).", severity="warning")
             return
-        if self.session.engine is None:
-            self.notify("The model is still loading; your message is kept.", severity="warning")
+        if self.busy or self.session.engine is None:
+            self.queue(text)
             return
+        await self.send_now(text)
+
+    def queue(self, text: str) -> None:
+        self.queued = text
+        prompt = self.query_one("#prompt", PromptArea)
+        prompt.read_only = True
+        when = "the reply above ends" if self.busy else "the model is ready"
+        prompt.border_title = f"Queued: sends when {when} · Esc takes it back"
+        prompt.add_class("queued")
+
+    def unqueue(self, why: str = "") -> str | None:
+        """Take the queued message back into the box for editing; returns it."""
+        text, self.queued = self.queued, None
+        prompt = self.query_one("#prompt", PromptArea)
+        prompt.read_only = False
+        prompt.border_title = None
+        prompt.remove_class("queued")
+        if text is not None and why:
+            self.notify(why, timeout=5)
+        return text
+
+    async def send_queued(self) -> None:
+        if self.queued is not None and not self.busy and self.session.engine is not None:
+            await self.send_now(self.unqueue())
+
+    async def send_now(self, text: str) -> None:
+        self.busy = True  # from now: a second Enter while the views mount is queued, not sent beside it
         self._pending_text = text
         self.query_one("#prompt", PromptArea).clear()
         transcript = self.query_one("#transcript", VerticalScroll)
@@ -337,15 +423,18 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
         self.reply_view = MessageView("assistant", "", status="streaming", guarded=self.session.guarded)
         for view in (self.user_view, self.reply_view):
             view.add_class("running")
-        transcript.mount_all([self.user_view, self.reply_view])
+        await transcript.mount_all([self.user_view, self.reply_view])  # before any event of the turn reaches them
+        transcript.anchor()  # follow the new reply, also after a search scrolled up
         self.start_turn("edit" if self.editing is not None else "send", text, self.editing)
         self.editing = None
 
     def start_turn(self, kind: str, text: str = "", message_id: int | None = None) -> None:
         self.busy = True
+        self._frame_mark = None
         self.cancel = threading.Event()
         self._stream = None
-        self.run_turn(kind, text, message_id, self.cancel)
+        self._turn = self.run_turn(kind, text, message_id, self.cancel)
+        self._live = self.set_interval(LIVE_S, self.refresh_status)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="turn")
     def run_turn(self, kind: str, text: str, message_id: int | None, cancel: threading.Event) -> None:
@@ -362,7 +451,7 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
             # the app against 126-149 in `python -m model`).
             if isinstance(event, Released):
                 pending += event.text
-                if time.monotonic() - last < FRAME_S:
+                if time.monotonic() - last < self.frame_s:
                     continue
                 event = Released(pending)
                 pending, last = "", time.monotonic()
@@ -391,6 +480,7 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
                 view.message_id = e.message_id
                 view.update_state(verdicts=view.verdicts + [e.verdict.to_dict()])
         elif isinstance(e, Released) and reply:
+            self.pace_frames()
             if self._stream is None:
                 from textual.widgets import Markdown
 
@@ -404,8 +494,9 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
             if reply:
                 reply.message_id = e.message_id if e.message_id != getattr(self.user_view, "message_id", None) else None
                 reply.add_class("refusal")
-                reply.update_state(status="blocked", verdicts=reply.verdicts + [e.verdict.to_dict()],
-                                   text=f"*{refusal(e.verdict)}*")
+                # an output verdict came as Screened already; an input one is shown on the refusal too
+                extra = [e.verdict.to_dict()] if isinstance(e, Blocked) and e.stage == "input" else []
+                reply.update_state(status="blocked", verdicts=reply.verdicts + extra, text=f"*{refusal(e.verdict)}*")
             if isinstance(e, Retracted):
                 self.notify("The reply failed a guard check and was withdrawn.", severity="warning")
         elif isinstance(e, Error):
@@ -429,6 +520,19 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
             self._stats = e.stats or self._stats
             self.finish_turn()
 
+    def pace_frames(self) -> None:
+        """Keep drawing the streamed reply within a CPU budget. Each frame costs the UI thread about the same
+        (tens of milliseconds: layout and repaint of the scrolled transcript), whatever the text added; on a
+        CPU that the model's threads fill, that time is taken from decoding. So the interval between frames
+        follows the UI thread's measured CPU share (time.thread_time), between FRAME_S and MAX_FRAME_S."""
+        now, cpu = time.perf_counter(), time.thread_time()
+        if self._frame_mark is not None and now > self._frame_mark[0]:
+            share = (cpu - self._frame_mark[1]) / (now - self._frame_mark[0])
+            runner = self.session.engine.runner if self.session.engine else None
+            target = UI_SHARE_CPU if getattr(runner, "device", "cpu") == "cpu" else UI_SHARE_OTHER
+            self.frame_s = min(MAX_FRAME_S, max(FRAME_S, self.frame_s * (share / target) ** 0.5))
+        self._frame_mark = (now, cpu)
+
     async def stop_stream(self) -> None:
         if self._stream is not None:
             await self._stream.stop()
@@ -436,11 +540,15 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
 
     def finish_turn(self) -> None:
         self.busy = False
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
         for view in (self.user_view, self.reply_view):
             if view is not None:
                 view.remove_class("running")
         self.refresh_status()
         self.refresh_conversations(self.query_one("#search", Input).value)
+        self.call_later(self.send_queued)
 
     def restore_prompt(self) -> None:
         prompt = self.query_one("#prompt", PromptArea)
@@ -448,14 +556,16 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
             prompt.text = self._pending_text  # the typed text is never lost
 
     def action_stop(self) -> None:
-        if self.busy:
+        if self.queued is not None:  # first the newest intent: the queued message comes back to the box
+            self.unqueue("The queued message was not sent; it is back in the box.")
+        elif self.busy:
             self.cancel.set()
         elif self.editing is not None:
             self.editing = None
             self.query_one("#prompt", PromptArea).clear()
             self.notify("Edit cancelled.")
 
-    def action_regenerate(self) -> None:
+    async def action_regenerate(self) -> None:
         if self.busy or self.session.engine is None or self.session.conversation_id is None:
             return
         views = list(self.query_one("#transcript", VerticalScroll).query(MessageView))
@@ -465,7 +575,8 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
         views[-1].remove()
         self.user_view = views[-2] if len(views) > 1 else None
         self.reply_view = MessageView("assistant", "", status="streaming", guarded=self.session.guarded)
-        self.query_one("#transcript", VerticalScroll).mount(self.reply_view)
+        self.busy = True
+        await self.query_one("#transcript", VerticalScroll).mount(self.reply_view)
         self.start_turn("regenerate")
 
     def action_edit_last(self) -> None:
@@ -522,16 +633,14 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
     def action_copy_reply(self) -> None:
         replies = [v for v in self.query_one("#transcript", VerticalScroll).query(MessageView) if v.role == "assistant"]
         if replies and replies[-1].status != "blocked":
-            self.copy_to_clipboard(replies[-1].text)
-            self.notify("Reply copied to the clipboard.")
+            copy_text(self, replies[-1].text, "Reply")
 
     def action_copy_code(self) -> None:
         replies = [v for v in self.query_one("#transcript", VerticalScroll).query(MessageView)
                    if v.role == "assistant" and v.status != "blocked"]
         blocks = CODE_BLOCK.findall(replies[-1].text) if replies else []
         if blocks:
-            self.copy_to_clipboard(blocks[-1])
-            self.notify("Code block copied to the clipboard.")
+            copy_text(self, blocks[-1], "Code block")
         else:
             self.notify("The last reply has no code block.", severity="warning")
 

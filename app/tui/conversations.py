@@ -49,15 +49,18 @@ class ConversationsMixin:
         listing = self.query_one("#conversations", ConversationList)
         listing.clear_options()
         if query.strip():
-            rows = [(h["conversation_id"], h["title"]) for h in self.history.search(query)]
+            hits = self.history.search(query)
+            self.search_hits = {h["conversation_id"]: h["message_id"] for h in hits}
+            rows = [(h["conversation_id"], h["title"]) for h in hits]
         else:
+            self.search_hits = {}
             rows = [(c.id, c.title) for c in self.history.list_conversations()]
         listing.add_options([Option(title, id=f"c{cid}") for cid, title in rows])
-        if self.session.conversation_id is not None:
-            try:
-                listing.highlighted = listing.get_option_index(f"c{self.session.conversation_id}")
-            except Exception:  # not in the filtered list
-                pass
+        ids = [f"c{cid}" for cid, _title in rows]
+        if f"c{self.session.conversation_id}" in ids:
+            listing.highlighted = ids.index(f"c{self.session.conversation_id}")
+        elif query.strip() and ids:  # the best match, so Enter opens it
+            listing.highlighted = 0
 
     def on_input_changed(self, event: Input.Changed) -> None:
         if event.input.id == "search":
@@ -69,10 +72,12 @@ class ConversationsMixin:
         if self.busy:
             self.notify("Wait for the reply to finish, or press Esc to stop it.", severity="warning")
             return
-        self.open_conversation(int(event.option.id[1:]))
+        cid = int(event.option.id[1:])
+        self.open_conversation(cid, getattr(self, "search_hits", {}).get(cid))
 
     @reported
-    def open_conversation(self, cid: int) -> None:
+    def open_conversation(self, cid: int, show_message: int | None = None) -> None:
+        """Show conversation `cid`, at its end or, from a search, at the matching message (focused)."""
         conv = self.session.open(cid)
         self.editing = None
         transcript = self.query_one("#transcript", VerticalScroll)
@@ -81,7 +86,13 @@ class ConversationsMixin:
         last = next((m.stats for m in reversed(conv.messages) if m.stats), None)
         self._stats = last or {}
         self.refresh_status()
-        self.query_one("#prompt", PromptArea).focus()
+        match = next((v for v in transcript.query(MessageView) if v.message_id == show_message), None)
+        if match is None:
+            self.query_one("#prompt", PromptArea).focus()
+        else:
+            transcript.release_anchor()
+            self.call_after_refresh(lambda: (transcript.scroll_to_widget(match, top=True, animate=False),
+                                             match.focus(scroll_visible=False)))
 
     def message_views(self, messages) -> list[MessageView]:
         return [MessageView(m.role, self.display_text(m), message_id=m.id, status=m.status, verdicts=m.verdicts,

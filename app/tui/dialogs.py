@@ -72,7 +72,10 @@ class DialogsMixin:
                 self.load_models()
             self.notify("Settings applied for this run.")
 
-        choices = MODEL_CHOICES + [(s, s) for s in self.cached_sources() if s not in dict(MODEL_CHOICES).values()]
+        # the cached checkpoints, and every model that loaded in this run (a failed switch keeps them listed)
+        extra = self.cached_sources() + [s for s in self.loaded_sources if s not in self.cached_sources()]
+        choices = MODEL_CHOICES + [(s.rstrip("/").split("/")[-1], s) for s in extra
+                                   if s not in dict(MODEL_CHOICES).values()]
         self.push_screen(SettingsScreen(self.config, choices, self.config.guard.enabled), applied)
 
     @staticmethod

@@ -171,6 +171,10 @@ class SettingsScreen(Modal):
                     yield Input("" if g.top_p is None else str(g.top_p), placeholder="model default", id="top_p")
                     yield Label("Max tokens")
                     yield Input(str(g.max_new_tokens), id="max_new_tokens")
+                with Horizontal(classes="row"):
+                    yield Label("Repetition penalty (1 is off)")
+                    yield Input("" if g.repetition_penalty is None else str(g.repetition_penalty),
+                                placeholder="model default", id="repetition_penalty")
                 yield Label("Guard mode" + ("" if self.guard_available else " (guard is off)"))
                 yield Select([("strict: show only checked text", "strict"), ("fast: show at once, retract if unsafe", "fast")],
                              value=c.guard.mode, allow_blank=False, id="mode")
@@ -181,10 +185,11 @@ class SettingsScreen(Modal):
                 yield Label("Categories screened (unticked ones are excluded)")
                 yield SelectionList(*[(f"{code} {DISPLAY_NAMES[code]}", code, code not in c.guard.excluded)
                                       for code in LLAMA_GUARD_3_CATEGORIES], id="categories")
+            with Vertical(classes="actions"):  # docked: the error and the buttons show at any window size
                 yield Static("", id="error", classes="warning")
-            with Horizontal(classes="buttons"):
-                yield Button("Apply", id="apply", variant="primary")
-                yield Button("Cancel", id="cancel")
+                with Horizontal(classes="buttons"):
+                    yield Button("Apply", id="apply", variant="primary")
+                    yield Button("Cancel", id="cancel")
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         if event.button.id != "apply":
@@ -193,7 +198,8 @@ class SettingsScreen(Modal):
         try:
             changes = self.collect()
         except ValueError as e:
-            self.query_one("#error", Static).update(str(e))
+            self.query_one("#error", Static).update(f"Not applied: {e}.")
+            self.app.bell()
             return
         self.dismiss(changes)
 
@@ -219,6 +225,7 @@ class SettingsScreen(Modal):
             "model.quantize": self.query_one("#quantize", Select).value,
             "generation.temperature": number("temperature", float, 0, 2),
             "generation.top_p": number("top_p", float, 0.01, 1),
+            "generation.repetition_penalty": number("repetition_penalty", float, 0.01, 2),
             "generation.max_new_tokens": number("max_new_tokens", int, 1, 32768, optional=False),
             "guard.mode": self.query_one("#mode", Select).value,
             "guard.precision": self.query_one("#precision", Select).value,
@@ -232,9 +239,9 @@ class FirstRunScreen(Modal):
 
     BINDINGS = [Binding("escape", "dismiss_none", "Quit")]
 
-    def __init__(self, model: str, guard: str, demo_available: bool):
+    def __init__(self, model: str, guard: str, demo_available: bool, problem: str = ""):
         super().__init__(id="first-run")
-        self.model, self.guard, self.demo_available = model, guard, demo_available
+        self.model, self.guard, self.demo_available, self.problem = model, guard, demo_available, problem
 
     def compose(self) -> ComposeResult:
         text = f"""# Welcome to llama-chat
@@ -251,13 +258,16 @@ Meta's Llama models are *gated*. To download them once:
 After that, nothing leaves this machine: both models run locally.
 """
         with Vertical(classes="dialog wide"):
+            if self.problem:
+                yield Static(self.problem, classes="warning", markup=False)
             with VerticalScroll():
                 yield Markdown(text)
                 if self.demo_available:
                     yield Markdown("Or try the app right away with **SmolLM2-135M-Instruct**, a small demo model "
                                    "that is *not* Llama, running **unguarded**.")
             with Horizontal(classes="buttons"):
-                yield Button("Download", id="download", variant="primary")
+                yield Button("Try the download again" if self.problem else "Download", id="download",
+                             variant="primary")
                 if self.demo_available:
                     yield Button("Use demo model", id="demo")
                 yield Button("Quit", id="quit")

@@ -43,7 +43,10 @@ class MessageView(Vertical, can_focus=True):
     def compose(self):
         who = "You" if self.role == "user" else "Assistant"
         yield Label(who, classes="who")
-        yield Markdown(self.text, classes="body")
+        if self.role == "user":  # as typed: Markdown would eat `__init__`, `a*b*c`, HTML and single newlines
+            yield Static(self.text, classes="body", markup=False)
+        else:
+            yield Markdown(self.text, classes="body")
         text, cls = badge_for(self.status, self.verdicts, self.guarded)
         yield Label(text, classes=f"badge {cls}")
 
@@ -51,14 +54,17 @@ class MessageView(Vertical, can_focus=True):
         self.set_class(self.status == "blocked", "is-blocked")
 
     @property
-    def body(self) -> Markdown:
-        return self.query_one(".body", Markdown)
+    def body(self) -> Markdown | Static:
+        return self.query_one(".body")
 
     def update_state(self, *, status: str | None = None, verdicts: list | None = None, text: str | None = None) -> None:
         if status is not None:
             self.status = status
         if verdicts is not None:
             self.verdicts = list(verdicts)
+        if not self.query(".badge"):  # not composed yet: compose draws the state just set
+            self.text = self.text if text is None else text
+            return
         if text is not None:
             self.text = text
             self.body.update(text)
@@ -72,14 +78,15 @@ class MessageView(Vertical, can_focus=True):
         self.post_message(self.DetailsRequested(self))
 
     def action_copy(self) -> None:
-        self.app.copy_to_clipboard(self.text)
-        self.app.notify("Message copied to the clipboard.")
+        from app.tui.clipboard import copy_text
+
+        copy_text(self.app, self.text, "Message")
 
 
 class PromptArea(TextArea):
     """The message box: Enter sends, Ctrl+J (or Shift+Enter where the terminal sends it) adds a line."""
 
-    BINDINGS = [Binding("ctrl+j,shift+enter", "newline", "New line", show=False)]
+    NEWLINE_KEYS = ("ctrl+j", "shift+enter")
 
     class Submitted(Message):
         def __init__(self, text: str):
@@ -87,15 +94,17 @@ class PromptArea(TextArea):
             self.text = text
 
     async def _on_key(self, event) -> None:
-        if event.key == "enter":
+        # Both handled here, in key order: a binding's action runs later, so typing fast put the newline
+        # after the letters that followed it ("AAA" Ctrl+J "BBB" became "AAABBB\n").
+        if event.key == "enter" or (event.key in self.NEWLINE_KEYS and not self.read_only):
             event.stop()
             event.prevent_default()
-            self.post_message(self.Submitted(self.text))
+            if event.key == "enter":
+                self.post_message(self.Submitted(self.text))
+            else:
+                self.insert("\n")
             return
         await super()._on_key(event)
-
-    def action_newline(self) -> None:
-        self.insert("\n")
 
 
 class StatusBar(Static):

@@ -19,11 +19,14 @@ class ScriptedRunner:
     device = "cpu"
     context_window = 8192
 
-    def __init__(self, reply: str = REPLY, delay: float = 0.0, name: str = "meta-llama/Llama-3.2-1B-Instruct"):
-        self.reply, self.delay = reply, delay
+    def __init__(self, reply: str = REPLY, delay: float = 0.0, name: str = "meta-llama/Llama-3.2-1B-Instruct",
+                 rate: float | None = None):
+        """`delay`: seconds after each token; `rate`: tokens per second on a fixed schedule (bench.tui)."""
+        self.reply, self.delay, self.rate = reply, delay, rate
         self.source = SimpleNamespace(name=name)
         self.last_stats = None
         self.prompts: list[list[dict]] = []
+        self.started_at = self.finished_at = 0.0
 
     def reset(self) -> None:
         pass
@@ -40,14 +43,18 @@ class ScriptedRunner:
         stats = TurnStats(prompt_tokens=40 + 10 * len(messages), cached_tokens=0, ttft_s=0.05, decode_tok_s=12.5,
                           prefill_tok_s=300.0)
         self.last_stats = stats
-        for piece in re.findall(r"\S+\s*|\s+", self.reply):
+        self.started_at = time.perf_counter()
+        for i, piece in enumerate(re.findall(r"\S+\s*|\s+", self.reply)):
             if cancel is not None and cancel.is_set():
                 stats.stop_reason = "cancelled"
                 return
+            if self.rate:
+                time.sleep(max(0.0, self.started_at + i / self.rate - time.perf_counter()))
             stats.new_tokens += 1
             yield piece
             if self.delay:
                 time.sleep(self.delay)
+        self.finished_at = time.perf_counter()
         stats.stop_reason = "eos"
 
 

@@ -278,3 +278,33 @@ def test_grouped_attention_and_packed_weights_match_transformers(tiny_llama_dir,
         longer = more[:200] + list(range(4000, 4300))  # 300 queries after a cached prefix: the SDPA path
         torch.testing.assert_close(a.extend_to(longer)[0], b.extend_to(longer)[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(a.forward([7]), b.forward([7]), atol=1e-5, rtol=1e-5)
+
+
+def distinct_8grams(ids) -> float:
+    grams = [tuple(ids[i : i + 8]) for i in range(len(ids) - 8)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
+@pytest.mark.slow
+def test_the_demo_model_no_longer_loops_with_its_sampling(smollm2_gguf):
+    """Issue 19: SmolLM2 wrote "He had seen the sea, and he had seen the sun." for ~1,000 tokens. With the
+    repetition penalty of the demo's defaults (app.demo) its story goes on without repeating itself, greedy
+    and sampled (measured by the share of distinct 8-token runs)."""
+    from app.demo import DEMO_SAMPLING
+
+    runner = Runner.load(str(smollm2_gguf), quantize="auto")  # as the demo runs
+    messages = [{"role": "system", "content": "You are a helpful, honest assistant."},
+                {"role": "user", "content": "Write a story about a lighthouse keeper."}]
+
+    def reply(**kw):
+        runner.reset()
+        "".join(runner.stream(messages, sampling=Sampling(max_new_tokens=400, **kw)))
+        return runner.last_reply_ids, runner.last_stats
+
+    looping, _stats = reply(temperature=0.0)
+    assert distinct_8grams(looping) < 0.6  # the loop, as it was
+    for kw in ({"temperature": 0.0, "repetition_penalty": DEMO_SAMPLING["repetition_penalty"]},
+               {**DEMO_SAMPLING, "seed": 1}):
+        ids, stats = reply(**kw)
+        assert distinct_8grams(ids) > 0.9, kw
+        assert stats.sampling["repetition_penalty"] == DEMO_SAMPLING["repetition_penalty"]  # stored with it
