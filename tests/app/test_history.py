@@ -9,6 +9,7 @@ import sqlite3
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -119,6 +120,7 @@ def test_a_live_writer_is_not_marked_interrupted(history, tmp_path):
 
 WRITER = """
 import sys
+import time
 from app.history import History
 h = History(sys.argv[1])
 cid = h.create_conversation("writer " + sys.argv[2])
@@ -331,3 +333,53 @@ def test_reading_needs_no_write_access_and_no_lock(monkeypatch):
             os.chmod(folder, 0o700)
     assert path.read_bytes() == before and stat.S_IMODE(path.stat().st_mode) == 0o400
     shutil.rmtree(home)
+
+
+TURN = """
+import sqlite3, sys, time
+from app.config import Config
+from app.history import History
+from app.session import ChatSession, Engine
+from tests.helpers.scripted import ScriptedGuard, ScriptedRunner
+
+path, cid, text, wait_sql, wait_for = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+
+class Waiting(ScriptedGuard):  # the input check ends once the other process got as far as the race needs
+    def check(self, messages, *, stage=None, cancel=None):
+        if stage == "input":
+            db = sqlite3.connect(path)
+            while db.execute(wait_sql, (cid,)).fetchone()[0] < wait_for:
+                time.sleep(0.02)
+            db.close()
+        return super().check(messages, stage=stage)
+
+session = ChatSession(History(path), Config(), Engine(ScriptedRunner(reply=f"Reply to {text}"), Waiting(), "x"))
+session.open(cid)
+for event in session.send(text):
+    pass
+"""
+
+
+def test_two_processes_continuing_one_conversation_keep_each_answer_with_its_question(tmp_path):
+    """Issue 20, item 2, with real processes: both store their message before either reply (the order
+    `You A, You B, Assistant(A), Assistant(B)`); each reply is still paired with its own question."""
+    from app.config import Config
+    from app.session import ChatSession
+
+    path = tmp_path / "h.sqlite3"
+    h = History(path)
+    cid = h.create_conversation("shared")
+    q = h.add_message(cid, "user", "First question")
+    h.add_message(cid, "assistant", "First answer", parent_id=q)
+    users = "SELECT count(*) FROM messages WHERE conversation_id = ? AND role = 'user'"
+    replies = "SELECT count(*) FROM messages WHERE conversation_id = ? AND role = 'assistant'"
+    a = subprocess.Popen([sys.executable, "-c", TURN, str(path), str(cid), "Question A", users, "3"])
+    time.sleep(0.5)  # A's message is stored first
+    b = subprocess.Popen([sys.executable, "-c", TURN, str(path), str(cid), "Question B", replies, "2"])
+    assert a.wait(timeout=120) == 0 and b.wait(timeout=120) == 0
+    stored = [r[0] for r in h.db.execute("SELECT content FROM messages ORDER BY id")]
+    assert stored[2:] == ["Question A", "Question B", "Reply to Question A", "Reply to Question B"]  # the race
+    context = ChatSession(h, Config()).context(h.messages(cid))
+    assert [m["content"] for m in context] == ["First question", "First answer", "Question A", "Reply to Question A",
+                                               "Question B", "Reply to Question B"]
+    h.close()
