@@ -129,10 +129,18 @@ def load_quantized(source, mode: str, *, dtype, cache_folder: Path | None, build
     if model is not None:
         model.quant_cache = "hit"
         return model, extra
+    name = Path(source.name).name
     if progress:
-        progress(f"Quantizing {Path(source.name).name} to {mode} (first start only)…")
+        progress(f"Reading {name} to quantize it to {mode} (first start only)…")
     model = build()
-    layout = quantize_model(model, mode, kernel_name)
+    last = [0.0]
+
+    def layers(done: int, total: int) -> None:  # at most a line a second: the status bar shows each
+        if progress and time.monotonic() - last[0] >= 1.0:
+            last[0] = time.monotonic()
+            progress(f"Quantizing {name} to {mode}: {done}/{total} layers (first start only)…")
+
+    layout = quantize_model(model, mode, kernel_name, progress=layers)
     about = {**_about(source, mode), "kernel": kernel_name, "dtype": str(dtype)}
     try:
         _store(model, layout, about, key, weights, record)

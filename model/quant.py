@@ -241,11 +241,11 @@ def _replace(model, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
-def quantize_model(model, mode: str, kernel_name: str | None = None):
+def quantize_model(model, mode: str, kernel_name: str | None = None, progress=None):
     """Quantize `model`'s Linears in place (weights must be real, on the CPU) for `kernel_name` (default:
-    `kernel()`). Returns the plan."""
+    `kernel()`). Returns the plan. `progress(done, total)` hears after each Linear."""
     layout = plan(model, mode)
-    _swap_linears(model, layout, kernel_name or kernel(), empty_dtype=None)
+    _swap_linears(model, layout, kernel_name or kernel(), empty_dtype=None, progress=progress)
     return layout
 
 
@@ -255,13 +255,15 @@ def empty_quantized(model, layout: dict[str, tuple], dtype, kernel_name: str) ->
     _swap_linears(model, layout, kernel_name, empty_dtype=dtype)
 
 
-def _swap_linears(model, layout: dict[str, tuple], kernel_name: str, empty_dtype) -> None:
+def _swap_linears(model, layout: dict[str, tuple], kernel_name: str, empty_dtype, progress=None) -> None:
     """Replace the Linears of `layout` with quantized modules: built from their weights, or empty on the
     meta device when `empty_dtype` is given."""
     if layout and model.config.tie_word_embeddings:
         model.config.tie_word_embeddings = False  # the output layer gets its own (quantized) copy
     head = model.get_output_embeddings()
-    for name, spec in layout.items():
+    for done, (name, spec) in enumerate(layout.items()):
+        if progress is not None:
+            progress(done, len(layout))
         linear = model.get_submodule(name)
         k, n = linear.in_features, linear.out_features
         if kernel_name == "native" and k % 32 == 0:
