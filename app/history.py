@@ -587,7 +587,8 @@ def recover(path: Path) -> Recovery:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     damaged_copy = path.with_name(f"{path.name}.damaged-{stamp}")
     fresh = path.with_name(f"{path.name}.recovered-{stamp}")
-    src = _open_damaged(path, fresh.with_name(fresh.name + ".header"))
+    header_copy = fresh.with_name(fresh.name + ".header")  # only made when the file's own header is gone
+    src = _open_damaged(path, header_copy)
     target = History(fresh)
     recovered, unreadable, placeholders = {}, {}, 0
     try:
@@ -614,7 +615,7 @@ def recover(path: Path) -> Recovery:
     finally:
         src.close()
         target.close()
-        fresh.with_name(fresh.name + ".header").unlink(missing_ok=True)
+        header_copy.unlink(missing_ok=True)
     for suffix in ("", "-wal", "-shm"):  # the WAL files belong to the damaged file: they move with it
         if Path(f"{path}{suffix}").exists():
             os.rename(f"{path}{suffix}", f"{damaged_copy}{suffix}")
