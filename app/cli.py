@@ -36,6 +36,17 @@ def _model_options(p: argparse.ArgumentParser, *, defaults: bool = True) -> None
     p.add_argument("--guard-precision", choices=("auto", "bf16", "int8"),
                    help="how Llama Guard computes: auto (int8 where the native kernel runs and it passes its probe "
                         "check), bf16 (unquantized) or int8", **kw)
+    p.add_argument("--backend", choices=("local", "openai"),
+                   help="where the chat model runs: local, or openai (a vLLM server at --base-url)", **kw)
+    p.add_argument("--base-url", help="the chat model's server, like http://127.0.0.1:8000/v1 (with --backend openai)",
+                   **kw)
+    p.add_argument("--served-model", help="the chat model's name on the server (default: the only one it serves)", **kw)
+    p.add_argument("--api-key-env", help="environment variable holding the chat server's API key", **kw)
+    p.add_argument("--guard-backend", choices=("local", "openai"),
+                   help="where Llama Guard runs: local, or openai (a vLLM server at --guard-base-url)", **kw)
+    p.add_argument("--guard-base-url", help="Llama Guard's server, like http://127.0.0.1:8001/v1", **kw)
+    p.add_argument("--guard-served-model", help="Llama Guard's name on its server", **kw)
+    p.add_argument("--guard-api-key-env", help="environment variable holding the guard server's API key", **kw)
     p.add_argument("--quantize", choices=QUANTIZE_MODES,
                    help="CPU weight mode for the chat model: auto (int4 where fast), bf16, int8, int4 or int4-fast "
                         "(the guard: --guard-precision)", **kw)
@@ -102,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     hsub.add_parser("recover", help="copy what is readable from a damaged history into a new file (the damaged "
                                     "one is kept beside it)")
 
-    dl = sub.add_parser("download", help="download the models from Hugging Face (the only network use)")
+    dl = sub.add_parser("download", help="download the models from Hugging Face (the only network use; for a model "
+                                         "on a server, just its tokenizer)")
     dl.add_argument("--model", default=None, help="chat model repo id (default: the configured one)")
     dl.add_argument("--guard-model", default=None, help="guard repo id (default: the configured one)")
 
@@ -120,6 +132,9 @@ def _overrides(args) -> dict:
         "model.quantize": getattr(args, "quantize", None),
         "guard.source": getattr(args, "guard_model", None),
         "guard.precision": getattr(args, "guard_precision", None),
+        **{f"{section}.{key}": getattr(args, f"{prefix}{key}", None)
+           for section, prefix in (("model", ""), ("guard", "guard_"))
+           for key in ("backend", "base_url", "served_model", "api_key_env")},
         "generation.temperature": getattr(args, "temperature", None),
         "generation.max_new_tokens": getattr(args, "max_new_tokens", None),
         "generation.seed": getattr(args, "seed", None),
@@ -159,7 +174,7 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     except LlamaChatError as e:
         print(f"llama-chat: {e.message}", file=sys.stderr)
-        return EXIT_FAIL
+        return e.exit_code or EXIT_FAIL
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # the reader went away (`| head`): nothing more to say, and no one to say it to
@@ -315,10 +330,12 @@ def cmd_download(args) -> int:
     from app.download import download
 
     config = load_config()
-    for repo in (args.model or config.model.source, args.guard_model or config.guard.source):
-        print(f"Downloading {repo} …", file=sys.stderr)
-        path = download(repo)
-        print(f"{repo}: {path}")
+    for repo, section in ((args.model or config.model.source, config.model),
+                          (args.guard_model or config.guard.source, config.guard)):
+        remote = section.backend == "openai"  # the server has the weights; prompts need the tokenizer here
+        print(f"Downloading {repo}{' (tokenizer only: it runs at ' + section.base_url + ')' if remote else ''} …",
+              file=sys.stderr)
+        print(f"{repo}: {download(repo, tokenizer_only=remote)}")
     return EXIT_OK
 
 

@@ -57,13 +57,34 @@ def _device(v):
     return None if ok else "auto, cpu, cuda, cuda:N or mps"
 
 
+def _url(v):
+    return None if v == "" or v.startswith(("http://", "https://")) else "an http:// or https:// address ending in /v1"
+
+
+def _env_name(v):
+    return None if v == "" or v.replace("_", "a").isalnum() else "the name of an environment variable, like VLLM_API_KEY"
+
+
+def _remote(doc: str) -> dict:
+    """The fields that point a model at an OpenAI-compatible server (vLLM), for [model] and [guard]."""
+    return {
+        "backend": _f("local", f"where the {doc} runs: local (this machine) or openai (an OpenAI-compatible server: "
+                      "vLLM; prompts then go to that server)", _one_of("local", "openai")),
+        "base_url": _f("", "the server's address with openai, like http://127.0.0.1:8000/v1", _url),
+        "api_key_env": _f("", "the environment variable that holds the server's API key (the key itself is never "
+                          "written anywhere); empty: no key", _env_name),
+        "served_model": _f("", "the model's name on the server; empty: the only one it serves"),
+    }
+
+
 def _nonempty(v):
     return None if v.strip() else "a repo id, a folder or a file (not empty)"
 
 
 @dataclass
 class ModelSettings:
-    source: str = _f(DEFAULT_MODEL, "HF repo id (from the local cache), a model folder, a .gguf file or Meta's original folder",
+    source: str = _f(DEFAULT_MODEL, "HF repo id (from the local cache), a model folder, a .gguf file or Meta's original folder "
+                     "(with backend = openai: where its tokenizer is, to build prompts with)",
                      _nonempty)
     device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps", _device)
     dtype: str = _f("auto", "auto, bfloat16, float16 or float32", _one_of("auto", "bfloat16", "float16", "float32"))
@@ -72,6 +93,12 @@ class ModelSettings:
                        "int8, int4 (group 32, int8 output layer) or int4-fast", _one_of(*QUANTIZE_MODES))
     compile: str = _f("auto", "compiled decoding, warmed in the background: auto (in the app, on CPU), on or off",
                       _one_of("auto", "on", "off"))
+    _remote_fields = _remote("chat model")
+    backend: str = _remote_fields["backend"]
+    base_url: str = _remote_fields["base_url"]
+    api_key_env: str = _remote_fields["api_key_env"]
+    served_model: str = _remote_fields["served_model"]
+    del _remote_fields
 
 
 @dataclass
@@ -88,7 +115,8 @@ class GenerationSettings:
 @dataclass
 class GuardSettingsConfig:
     enabled: bool = _f(True, "screen every message and reply with Llama Guard")
-    source: str = _f(DEFAULT_GUARD, "the Llama Guard 3 checkpoint: repo id, folder or .gguf", _nonempty)
+    source: str = _f(DEFAULT_GUARD, "the Llama Guard 3 checkpoint: repo id, folder or .gguf (with backend = openai: "
+                     "where its tokenizer is)", _nonempty)
     excluded: list = _f([], "categories not screened, e.g. [\"S6\", \"S7\"]", _codes)
     threshold: float = _f(0.5, "P(unsafe) at which a message is blocked", _between(0, 1, lo_open=True, hi_open=True))
     mode: str = _f("strict", "strict: show only checked text; fast: show at once and retract if unsafe", _one_of("strict", "fast"))
@@ -96,6 +124,12 @@ class GuardSettingsConfig:
     token_budget: int = _f(2048, "conversation tokens the guard reads per check", _at_least(64))
     precision: str = _f("auto", "auto (int8 on a CPU where the native kernel runs and the int8 guard passes its probe "
                         "check, else unquantized), bf16 (unquantized) or int8", _one_of("auto", "bf16", "int8"))
+    _remote_fields = _remote("guard")
+    backend: str = _remote_fields["backend"]
+    base_url: str = _remote_fields["base_url"]
+    api_key_env: str = _remote_fields["api_key_env"]
+    served_model: str = _remote_fields["served_model"]
+    del _remote_fields
 
 
 @dataclass
@@ -227,6 +261,12 @@ def load_config(path: Path | None = None, *, env: typing.Mapping[str, str] | Non
         if value is not None:
             section, _, key = dotted.partition(".")
             apply_setting(config, section, key, value, where="command line")
+    for section in (config.model, config.guard):
+        name = "model" if section is config.model else "guard"
+        if section.backend == "openai" and not section.base_url:
+            raise ConfigError(f"{name}.backend is openai but {name}.base_url is empty: give the server's address "
+                              f"(--{'guard-' if name == 'guard' else ''}base-url http://HOST:PORT/v1 or {name}.base_url "
+                              "in config.toml).")
     if config.prompts.default and config.prompts.default not in config.all_presets():
         raise ConfigError(f"{path}: prompts.default names no preset: {config.prompts.default!r}. Presets: "
                           f"{', '.join(sorted(config.all_presets()))}.")

@@ -6,15 +6,34 @@ import os
 import platform
 
 
-def _model_state(source: str) -> str:
+def _model_state(section) -> str:
+    """Whether the model is here, or (on a server) whether the server answers and its tokenizer is here."""
+    from model.loading import resolve_source, resolve_tokenizer
+
+    if section.backend == "openai":
+        return f"{_server_state(section)}; tokenizer {_model_state_of(resolve_tokenizer, section.source)}"
+    return _model_state_of(resolve_source, section.source)
+
+
+def _model_state_of(resolve, source: str) -> str:
     from model.errors import ModelError
-    from model.loading import resolve_source
 
     try:
-        src = resolve_source(source)
+        src = resolve(source)
         return f"present ({src.kind}: {src.path})"
     except ModelError as e:
         return f"missing: {e.message}"
+
+
+def _server_state(section) -> str:
+    from model.remote import OpenAIServer, RemoteError
+
+    try:
+        entry = OpenAIServer(section.base_url, api_key_env=section.api_key_env).pick_model(section.served_model)
+    except RemoteError as e:
+        return f"on {section.base_url}: NOT ANSWERING: {e.message}"
+    return (f"on {section.base_url}: answers, serving {entry['id']}"
+            f"{' (context ' + str(entry['max_model_len']) + ')' if entry.get('max_model_len') else ''}")
 
 
 def report(config) -> str:
@@ -38,10 +57,10 @@ def report(config) -> str:
         f"weights       {weights} (asked: {config.model.quantize}){' - ' + note if note else ''}",
         f"compiled      decoding {config.model.compile}: {can_compile() or 'available'}",
         f"int8/int4     {_quant_kernel()}",
-        f"chat model    {config.model.source}: {_model_state(config.model.source)}",
+        f"chat model    {config.model.source} ({config.model.backend}): {_model_state(config.model)}",
         f"guard         {'on' if config.guard.enabled else 'OFF (replies are not screened)'}, mode {config.guard.mode}, "
         f"threshold {config.guard.threshold}, excluded {', '.join(config.guard.excluded) or 'none'}",
-        f"guard model   {config.guard.source}: {_model_state(config.guard.source)}",
+        f"guard model   {config.guard.source} ({config.guard.backend}): {_model_state(config.guard)}",
         f"guard checks  {_guard_precision(config, device)}",
         f"config file   {config_file()}{'' if config_file().is_file() else ' (not created; defaults in use)'}",
         f"history       {database_file()}: {_history_state(database_file())}",

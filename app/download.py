@@ -26,15 +26,18 @@ def _progress_bar(report):
     return Reporting
 
 
-def download(repo_id: str, progress=None) -> str:
+def download(repo_id: str, progress=None, *, tokenizer_only: bool = False) -> str:
     """Download (or resume) `repo_id` into the HF cache with a progress bar; returns the local folder.
-    `progress(text)`, when given, receives progress lines as well."""
+    `progress(text)`, when given, receives progress lines as well. `tokenizer_only`: just the files a
+    remote engine's prompts are built with (model.loading.TOKENIZER_FILES)."""
+    from model.loading import TOKENIZER_FILES
+
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 
     try:
         kwargs = {"tqdm_class": _progress_bar(progress)} if progress else {}
-        return snapshot_download(repo_id, allow_patterns=PATTERNS, **kwargs)
+        return snapshot_download(repo_id, allow_patterns=TOKENIZER_FILES if tokenizer_only else PATTERNS, **kwargs)
     except GatedRepoError as e:
         raise DownloadError(
             f"{repo_id} is gated. Open https://huggingface.co/{repo_id}, accept the Llama 3.2 Community License "

@@ -114,12 +114,18 @@ def _m005_threads(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE messages ADD COLUMN checked_chars INTEGER")
 
 
+def _m006_verdict_engine(db: sqlite3.Connection) -> None:
+    """Where each verdict was computed: 'local', or the server that ran the guard (guard.remote); '' before this."""
+    db.execute("ALTER TABLE verdicts ADD COLUMN engine TEXT NOT NULL DEFAULT ''")
+
+
 MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = [
     ("001_initial", _m001_initial),
     ("002_search", _m002_search),
     ("003_verdict_precision", _m003_verdict_precision),
     ("004_writer_started", _m004_writer_started),
     ("005_threads", _m005_threads),
+    ("006_verdict_engine", _m006_verdict_engine),
 ]
 
 
@@ -444,9 +450,9 @@ class History:
         with self.write() as db:
             db.execute(
                 "INSERT INTO verdicts (message_id, stage, safe, categories, score, latency_s, guard_model, reason,"
-                " precision, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " precision, engine, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (message_id, verdict.stage, int(verdict.safe), json.dumps(list(verdict.categories)), verdict.score,
-                 verdict.latency_s, verdict.guard_model, verdict.reason, getattr(verdict, "precision", ""), time.time()),
+                 verdict.latency_s, verdict.guard_model, verdict.reason, verdict.precision, verdict.engine, time.time()),
             )
 
     def last_message_id(self, conversation_id: int) -> int | None:
@@ -485,7 +491,8 @@ class History:
         return {"stage": v["stage"], "safe": bool(v["safe"]), "categories": codes,
                 "category_names": [display_name(c) for c in codes], "score": v["score"], "latency_s": v["latency_s"],
                 "guard_model": v["guard_model"], "reason": v["reason"],
-                "precision": v["precision"] if "precision" in v.keys() else ""}  # a read-only file may be older
+                # a read-only file may be older than these columns
+                **{key: v[key] if key in v.keys() else "" for key in ("precision", "engine")}}
 
     def delete_messages_from(self, message_id: int) -> None:
         """Delete a message and every later message of its conversation (an edit replaces the branch)."""

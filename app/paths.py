@@ -27,7 +27,7 @@ def data_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    from model.qcache import app_cache_folder  # the model layer caches there too; one definition
+    from model.host import app_cache_folder  # the model layer caches there too; one definition
 
     return app_cache_folder()
 

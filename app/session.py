@@ -17,8 +17,10 @@ from typing import Iterator
 
 from app.config import Config
 from app.errors import SessionError
+from app.engine import Engine
 from app.history import History, Message
-from model.errors import LlamaChatError
+from app.workspace import Workspace, open_histories
+from guard.moderator import CheckCancelled
 
 WRITE_INTERVAL_S = 0.25  # how often a streaming reply is written to the database
 GUARD_SHARE = 0.1  # the part of a streaming reply's time its checks aim to take (guard.stream)
@@ -96,80 +98,28 @@ def refusal(verdict) -> str:
     return f"Blocked by Llama Guard ({why})."
 
 
-# -- models --------------------------------------------------------------------------------------
-@dataclass
-class Engine:
-    """The loaded chat model and (unless turned off) the guard."""
-
-    runner: object
-    guard: object | None
-    model_name: str
-    demo: bool = False
-
-    @classmethod
-    def load(cls, config: Config, *, use_guard: bool, demo: bool = False, progress=None,
-             interactive: bool = False) -> "Engine":
-        """Load both models; a guard that cannot load stops everything (fail closed). `interactive`:
-        a chat that lasts, where compiling decode steps in the background pays off (model.compile auto)."""
-        from model.runner import Runner, prefetch_weights
-
-        say = progress or (lambda msg: None)
-        m = config.model
-        try:  # the chat model's cached weights stream in while the guard loads
-            ahead = prefetch_weights(m.source, device=m.device, quantize=m.quantize)
-        except LlamaChatError:
-            ahead = None  # Runner.load reports it, after the guard
-        try:
-            guard = None
-            if use_guard:
-                say(f"Loading Llama Guard ({config.guard.source})…")
-                guard = load_guard(config, progress=say)
-            say(f"Loading {m.source}…")
-            # Quantized weights and compiled code go to the app's cache folder (model.qcache.app_cache_folder).
-            runner = Runner.load(m.source, device=m.device, dtype=m.dtype, context_window=m.context or None,
-                                 quantize=m.quantize, compile=wants_compile(config, interactive), progress=say,
-                                 prefetched=ahead)
-        finally:
-            if ahead is not None:
-                ahead.cancel()  # the guard failed, or the read is done
-        return cls(runner, guard, runner.source.name, demo)
-
-
-def wants_compile(config: Config, interactive: bool) -> bool:
-    from model.device import pick_device
-
-    mode = config.model.compile
-    return mode == "on" or (mode == "auto" and interactive and pick_device(config.model.device) == "cpu")
-
-
-def load_guard(config: Config, progress=None):
-    from guard.classifier import Guard, GuardSettings
-
-    g = config.guard
-    try:
-        return Guard.load(g.source, device=config.model.device, precision=g.precision, progress=progress,
-                          settings=GuardSettings(threshold=g.threshold, excluded=tuple(g.excluded),
-                                                 token_budget=g.token_budget))
-    except (LlamaChatError, ValueError) as e:
-        raise SessionError(
-            f"Llama Guard could not be loaded, so llama-chat will not answer.\n{getattr(e, 'message', e)}\n"
-            "To chat without screening, pass --no-guard (or set guard.enabled = false); replies are then "
-            "marked unguarded.",
-            title="Guard unavailable",
-        ) from e
-
-
 # -- the session ---------------------------------------------------------------------------------
-class ChatSession:
+class ChatSession(Workspace):
     """The open conversation, its history and the engine that answers it."""
 
-    def __init__(self, history: History, config: Config, engine: Engine | None = None):
+    def __init__(self, history: History, config: Config, engine: Engine | None = None, *,
+                 browse: History | None = None):
         self.history, self.config, self.engine = history, config, engine
+        self.browse = browse or history  # the connection the UI thread reads and edits on (app.workspace)
         self.conversation_id: int | None = None
         self.system_prompt = config.preset(config.prompts.default) if config.prompts.default else ""
         self._busy = threading.Lock()
         self._seen: int | None = None  # the newest message id of the open conversation this session knows
         self.checking: str | None = None  # the stage of the guard check running now, if one is (`live`)
+
+    @classmethod
+    def start(cls, config: Config) -> "ChatSession":
+        """The app's session: the history checked, a connection for turns and one for the UI thread; a damaged
+        file is left alone (`history_problem`; `recover_history`)."""
+        history, browse, problem = open_histories()
+        session = cls(history, config, browse=browse)
+        session.history_problem = problem
+        return session
 
     @property
     def guarded(self) -> bool:
@@ -255,8 +205,6 @@ class ChatSession:
             self._seen = user_id
             yield UserStored(user_id, text)
             if self.guarded:
-                from guard.classifier import CheckCancelled
-
                 try:
                     verdict = self._check(exchange, stage="input", cancel=cancel)
                 except CheckCancelled:  # not screened, so not sent: kept, marked stopped, never in context
@@ -344,10 +292,17 @@ class ChatSession:
                     last_write = time.monotonic()
             if moderator and failed is None:
                 yield from handle(moderator.finish())
-        except Exception as e:  # the reply so far is kept, marked error
-            self.history.update_message(reply_id, content=shown, status="error")
+        except Exception as e:  # the reply so far is kept, marked error; what was shown unchecked is checked now
+            if moderator and failed is None and moderator.mode == "fast":
+                yield from handle(moderator.finish())
             yield Error(e)
-            yield Done(reply_id, "error", shown)
+            if failed is not None:  # retracted: kept for audit, never shown or sent to the model again
+                self.history.update_message(reply_id, content=generated, status="blocked")
+                yield Done(reply_id, "blocked")
+                return
+            stats = runner.last_stats.to_dict() if runner.last_stats else {}  # what answered, how far it got
+            self.history.update_message(reply_id, content=shown, status="error", stats=stats)
+            yield Done(reply_id, "error", shown, stats)
             return
         stats = runner.last_stats.to_dict() if runner.last_stats else {}
         if moderator and moderator.verdicts:

@@ -41,10 +41,10 @@ async def measure(rate: float, tokens: int) -> dict:
     config = Config()
     config.model.source = "scripted"
     config.guard.enabled = False
-    config.generation.max_new_tokens = tokens
+    config.generation.max_new_tokens = 4 * tokens  # a word is one or two ids; the reply is `tokens` words
     runner = ScriptedRunner(reply=words(tokens), rate=rate)
     app = LlamaChatApp(config, engine_loader=scripted_loader(runner), animate=False)
-    app.model_missing = lambda: False
+    app.session.model_problem = lambda: None
     out = {}
     async with app.run_test(size=(100, 32)) as pilot:
         while app.session.engine is None:
@@ -102,7 +102,7 @@ async def in_app(engine, config) -> float:
     from app.tui.widgets import PromptArea
 
     app = LlamaChatApp(config, engine_loader=lambda *a, **k: engine, animate=False)
-    app.model_missing = lambda: False
+    app.session.model_problem = lambda: None
     async with app.run_test(size=(100, 32)) as pilot:
         while app.session.engine is None:
             await pilot.pause(0.01)

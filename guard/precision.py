@@ -105,7 +105,7 @@ def load_int8(guard_cls, source, dtype, settings, progress=None):
     from model.loading import load_checkpoint, load_model, load_tokenizer
     from model.qcache import load_quantized
 
-    from guard.classifier import GuardError
+    from guard.moderator import GuardError
 
     say = progress or (lambda text: None)
     path = _record_path(source, dtype, settings)

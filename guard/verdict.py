@@ -20,6 +20,7 @@ class Verdict:
     guard_model: str = ""
     reason: str = ""  # why a verdict blocked without categories (unreadable, error)
     precision: str = ""  # how the guard computed: int8, bf16, fp32 (guard.precision)
+    engine: str = ""  # where: local, or the address of the server that computed it (guard.remote)
     raw: str = field(default="", compare=False)
 
     def to_dict(self) -> dict:

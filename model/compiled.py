@@ -34,7 +34,7 @@ def bucket_for(positions: int) -> int | None:
 
 def can_compile() -> str | None:
     """None when torch.compile can work here; else why not."""
-    from model.device import find_cxx
+    from model.host import find_cxx
 
     if find_cxx() is None:
         return "no C++ compiler found (torch.compile's CPU backend needs one)"
@@ -89,7 +89,7 @@ class CompiledDecoder:
         import torch
 
         if not _user_inductor_cache():
-            from model.qcache import app_cache_folder
+            from model.host import app_cache_folder
 
             cache_folder = Path(cache_folder or app_cache_folder() / "inductor")
             cache_folder.mkdir(parents=True, exist_ok=True)

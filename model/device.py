@@ -24,17 +24,6 @@ def physical_cores() -> int:
     return os.cpu_count() or 1
 
 
-def find_cxx() -> str | None:
-    """The C++ compiler torch.compile and model.qkernel would use ($CXX, g++, clang++, c++), or None."""
-    import shutil
-
-    for name in (os.environ.get("CXX"), "g++", "clang++", "c++"):
-        path = shutil.which(name) if name else None
-        if path:
-            return path
-    return None
-
-
 def pick_device(requested: str = "auto") -> str:
     """`auto` picks CUDA, then MPS, then CPU; anything else is checked and returned."""
     import torch

@@ -77,6 +77,36 @@ def resolve_source(src: str | os.PathLike) -> Source:
     raise ModelError(f"Model {text!r} not found: it is neither an existing path nor a Hugging Face repo id.")
 
 
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+
+
+def resolve_tokenizer(src: str | os.PathLike) -> Source:
+    """The tokenizer a remote engine's prompts are built with: a checkpoint (any kind `resolve_source`
+    takes), a folder holding tokenizer.json, or a repo id whose tokenizer files alone are in the HF cache
+    (`llama-chat download` fetches only those for a remote engine). Never touches the network."""
+    text = str(src)
+    path = Path(text).expanduser()
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        return Source("tokenizer", path.resolve(), text)
+    if not path.exists() and REPO_ID.match(text) and not text.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            folder = Path(snapshot_download(text, local_files_only=True, allow_patterns=TOKENIZER_FILES))
+        except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+            folder = None
+        if folder is not None and (folder / "tokenizer.json").is_file():
+            return Source("tokenizer", folder, text, revision=folder.name)
+        raise ModelError(
+            f"The tokenizer of {text} is not in the local Hugging Face cache ({_hf_cache_dir()}). A remote engine "
+            "needs it to build prompts: fetch it once with `llama-chat download` (only the tokenizer files, for a "
+            "remote backend), or give a folder holding tokenizer.json.",
+            title="Tokenizer not downloaded",
+        )
+    return resolve_source(src)
+
+
 def _from_hf_cache(repo_id: str) -> Source:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -200,15 +230,15 @@ def _quiet_gguf_progress():
 def apply_gguf_rope_freqs(model, path: Path) -> None:
     """Llama 3.1+ GGUF files carry their rope scaling as a `rope_freqs.weight` tensor of per-frequency
     divisors, which transformers does not read; without it positions are encoded wrongly."""
-    import numpy as np
     import torch
-    from gguf import GGUFReader
 
-    factors = next((t for t in GGUFReader(str(path)).tensors if t.name == "rope_freqs.weight"), None)
+    from model.gguf import read_f32_tensor
+
+    factors = read_f32_tensor(path, "rope_freqs.weight")
     rotary = getattr(getattr(model, "model", None), "rotary_emb", None)
     if factors is None or rotary is None:
         return
-    divisors = torch.from_numpy(np.array(factors.data, dtype=np.float32)).reshape(-1)
+    divisors = torch.from_numpy(factors)
     if divisors.shape != rotary.inv_freq.shape:
         raise ModelError(f"{path}: rope_freqs has {divisors.numel()} entries, the model expects {rotary.inv_freq.numel()}.")
     base = rotary.original_inv_freq if hasattr(rotary, "original_inv_freq") else rotary.inv_freq

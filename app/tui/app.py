@@ -23,8 +23,7 @@ from textual.widgets import Footer, Input, Static
 from textual.worker import Worker, WorkerState
 
 from app.config import Config
-from app.errors import HistoryDamaged, LlamaChatError
-from app.history import History
+from app.errors import LlamaChatError
 from app.session import (Blocked, Changed, ChatSession, Done, Engine, Error, Released, Retracted, Screened, UserStored,
                          refusal)
 from app.tui.clipboard import copy_text
@@ -112,8 +111,7 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
     def __init__(self, config: Config, *, demo: bool = False, engine_loader=load_engine, animate: bool = True):
         super().__init__()
         self.config, self.demo, self.engine_loader, self.animate = config, demo, engine_loader, animate
-        self.history_problem: HistoryDamaged | None = None
-        self.session = ChatSession(self.open_history(), config)
+        self.session = ChatSession.start(config)
         self.cancel = threading.Event()
         self.guard_state = "loading" if config.guard.enabled else "off"
         self.loading_text = "loading…"
@@ -153,90 +151,44 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
         self.refresh_status()
         self.refresh_conversations()
         self.query_one("#prompt", PromptArea).focus()
-        if self.model_missing() and not self.demo:
+        if self.session.model_problem() and not self.demo:
             self.loading_text = "no model yet"
             self.refresh_status()
-            self.push_screen(FirstRunScreen(self.config.model.source, self.config.guard.source, self.demo_available()),
-                             self.first_run_choice)
+            self.push_screen(FirstRunScreen(self.config.model.source, self.config.guard.source,
+                                            self.session.demo_available()), self.first_run_choice)
         else:
             self.load_models()
-        if self.history_problem is not None:
+        if self.session.history_problem is not None:
             self.offer_recovery()
-        elif self.history.read_only:
-            self.notify(f"History is read-only: {self.history.read_only_reason}. Chats in this window are not stored.",
+        elif self.session.read_only:
+            self.notify(f"History is read-only: {self.session.read_only}. Chats in this window are not stored.",
                         severity="warning", timeout=20)
 
     # -- history ---------------------------------------------------------------------------------
-    def open_history(self) -> History:
-        """Open the history for the UI thread (`self.history`); returns the turns' own connection. A
-        damaged file is left alone: the window opens on an empty history that stores nothing, and offers
-        recovery (on_mount)."""
-        from app.paths import database_file
-
-        try:
-            self.history = History()
-            self.history.check()
-            self.history_problem = None
-            return History(self.history.path)
-        except HistoryDamaged as e:
-            self.history_problem = e
-            reason = "the history file is damaged; recover it first (llama-chat history recover)"
-            self.history = History.scratch(database_file(), reason)
-            return History.scratch(database_file(), reason)
-
     def offer_recovery(self) -> None:
         def chosen(yes) -> None:
             if not yes:
                 self.notify("Nothing in this window is stored until the history is recovered.", severity="warning",
                             timeout=15)
                 return
-            from app.history import recover
-
             try:
-                r = recover(self.history.path)
+                r = self.session.recover_history()
             except LlamaChatError as e:
                 self.notify(e.message, title=e.title, severity="error", timeout=30)
                 return
-            self.session.history = self.open_history()
             self.refresh_conversations()
             self.notify(f"Recovered {r.recovered['conversations']} conversations and {r.recovered['messages']} "
                         f"messages; the damaged file is kept at {r.damaged_copy}.", timeout=15)
 
-        self.push_screen(ConfirmScreen(f"{self.history_problem.message}\n\nRecover it now? What is readable is copied "
+        self.push_screen(ConfirmScreen(f"{self.session.history_problem.message}\n\nRecover it now? What is readable is copied "
                                        "into a new file; the damaged one is kept beside it.", confirm="Recover"),
                          chosen)
 
     # -- loading ---------------------------------------------------------------------------------
-    def model_missing(self) -> bool:
-        from model.errors import ModelError
-        from model.loading import resolve_source
-
-        try:
-            resolve_source(self.config.model.source)
-        except ModelError:
-            return True
-        return False
-
-    @staticmethod
-    def demo_available() -> bool:
-        from app.demo import demo_model_path
-
-        try:
-            demo_model_path()
-        except LlamaChatError:
-            return False
-        return True
-
     def first_run_choice(self, choice) -> None:
         if choice == "demo":
-            from app.demo import demo_model_path
-
-            from app.demo import use_demo_sampling
-
             self.demo = True
-            self.config.model.source = demo_model_path()
-            use_demo_sampling(self.config)
-            self.config.guard.enabled = False
+            self.session.use_demo()
             self.guard_state = "off"
             self.refresh_banner()
             self.load_models()
@@ -247,11 +199,7 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="load")
     def download_models(self) -> None:
-        from app.download import download
-
-        for repo in (self.config.model.source, self.config.guard.source):
-            self.post_message(LoadProgress(f"downloading {repo}…"))
-            download(repo, progress=lambda text: self.post_message(LoadProgress(text)))
+        self.session.download(progress=lambda text: self.post_message(LoadProgress(text)))
         self.post_message(LoadProgress("download complete"))
         engine = self.engine_loader(self.config, demo=self.demo, progress=lambda t: self.post_message(LoadProgress(t)))
         self.post_message(EngineReady(engine))
@@ -266,21 +214,17 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
         self.refresh_status()
 
     def on_engine_ready(self, message: EngineReady) -> None:
-        self.session.engine = message.engine
+        notes = self.session.attach(message.engine)
         if self.config.model.source not in self.loaded_sources:
             self.loaded_sources.append(self.config.model.source)
-        message.engine.runner.reset()
-        guard = message.engine.guard
-        self.guard_state = "off" if guard is None else f"on {getattr(guard, 'precision', '')}".strip() + (
-            " (int8 refused)" if getattr(guard, "precision_note", "").startswith("int8 refused") else "")
+        self.guard_state = self.session.describe()["guard"]
         self.loading_text = ""
         self.refresh_banner()
         self.refresh_status()
-        self.notify(f"{short_name(message.engine.model_name)} is ready.", timeout=3)
+        self.notify(f"{short_name(self.session.describe()['model'])} is ready.", timeout=3)
         self.call_later(self.send_queued)
-        for note in (getattr(message.engine.runner, "quantize_note", ""), getattr(guard, "precision_note", "")):
-            if note:
-                self.notify(note, severity="warning", timeout=15)
+        for note in notes:
+            self.notify(note, severity="warning", timeout=15)
 
     def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.state != WorkerState.ERROR:
@@ -294,7 +238,7 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
             self.unqueue("The models did not load, so your message was not sent; it is back in the box.")
             if event.worker.name == "download_models":  # offline, or no access: try again, or the demo
                 self.push_screen(FirstRunScreen(self.config.model.source, self.config.guard.source,
-                                                self.demo_available(), problem=f"The download failed: {text}"),
+                                                self.session.demo_available(), problem=f"The download failed: {text}"),
                                  self.first_run_choice)
                 return
             self.notify(text, title=getattr(error, "title", "Could not load the models"), severity="error", timeout=30)
@@ -344,16 +288,10 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
         banner.display = bool(parts)
 
     def refresh_status(self) -> None:
-        engine = self.session.engine
-        runner = engine.runner if engine else None
-        name = short_name(engine.model_name if engine else self.config.model.source)
-        device = getattr(runner, "device", "…") if runner else self.loading_text or "…"
-        weights = getattr(runner, "quantize", "") if runner else ""
-        if getattr(runner, "quantize_note", ""):
-            device += f" {weights} ({self.config.model.quantize} is slow here: see doctor)"
-        elif weights and weights != "bf16":
-            device += f" {weights}"
-        window = getattr(runner, "context_window", None)
+        engine = self.session.describe()
+        name = short_name(engine["model"])
+        device = engine["where"] or self.loading_text or "…"
+        window = engine["window"]
         stats = self.session.live() if self.busy else self._stats  # while a reply runs: as it runs
         used = stats.get("prompt_tokens", 0) + stats.get("new_tokens", 0)
         context = f"{used}/{window}" if window and used else (f"0/{window}" if window else "—")
@@ -468,7 +406,7 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
             self.notify(e.message, severity="warning", timeout=8)
             transcript = self.query_one("#transcript", VerticalScroll)
             await transcript.query(MessageView).exclude(".running").remove()
-            views = self.message_views([m for m in self.history.messages(e.conversation_id) if m.id <= e.latest])
+            views = self.message_views([m for m in self.session.stored_messages(e.conversation_id) if m.id <= e.latest])
             if views:
                 await transcript.mount_all(views, before=0)
         elif isinstance(e, UserStored) and self.user_view:
@@ -528,8 +466,7 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
         now, cpu = time.perf_counter(), time.thread_time()
         if self._frame_mark is not None and now > self._frame_mark[0]:
             share = (cpu - self._frame_mark[1]) / (now - self._frame_mark[0])
-            runner = self.session.engine.runner if self.session.engine else None
-            target = UI_SHARE_CPU if getattr(runner, "device", "cpu") == "cpu" else UI_SHARE_OTHER
+            target = UI_SHARE_CPU if self.session.describe()["device"] == "cpu" else UI_SHARE_OTHER
             self.frame_s = min(MAX_FRAME_S, max(FRAME_S, self.frame_s * (share / target) ** 0.5))
         self._frame_mark = (now, cpu)
 

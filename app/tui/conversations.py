@@ -49,12 +49,12 @@ class ConversationsMixin:
         listing = self.query_one("#conversations", ConversationList)
         listing.clear_options()
         if query.strip():
-            hits = self.history.search(query)
+            hits = self.session.search(query)
             self.search_hits = {h["conversation_id"]: h["message_id"] for h in hits}
             rows = [(h["conversation_id"], h["title"]) for h in hits]
         else:
             self.search_hits = {}
-            rows = [(c.id, c.title) for c in self.history.list_conversations()]
+            rows = self.session.conversations()
         listing.add_options([Option(title, id=f"c{cid}") for cid, title in rows])
         ids = [f"c{cid}" for cid, _title in rows]
         if f"c{self.session.conversation_id}" in ids:
@@ -117,14 +117,14 @@ class ConversationsMixin:
         cid = self.selected_conversation()
         if cid is None:
             return
-        title = self.history.get_conversation(cid, with_messages=False).title
+        title = self.session.title(cid)
         self.push_screen(TextInputScreen("Rename conversation", title, screen_id="rename"),
                          functools.partial(self.rename_to, cid))
 
     @reported
     def rename_to(self, cid: int, title: str | None) -> None:
         if title:
-            self.history.update_conversation(cid, title=title)
+            self.session.rename(cid, title)
             self.refresh_conversations(self.query_one("#search", Input).value)
 
     @reported
@@ -132,14 +132,14 @@ class ConversationsMixin:
         cid = self.selected_conversation()
         if cid is None or self.busy:
             return
-        title = self.history.get_conversation(cid, with_messages=False).title
+        title = self.session.title(cid)
         self.push_screen(ConfirmScreen(f"Delete “{title}” and all its messages?"),
                          functools.partial(self.delete_confirmed, cid, title))
 
     @reported
     def delete_confirmed(self, cid: int, title: str, yes: bool) -> None:
         if yes:
-            self.history.delete_conversation(cid)
+            self.session.delete(cid)
             if self.session.conversation_id == cid:
                 self.action_new_chat()
             self.refresh_conversations(self.query_one("#search", Input).value)
@@ -157,7 +157,7 @@ class ConversationsMixin:
         folder = data_dir() / "exports"
         try:
             private_dir(folder)
-            written = [write_new(folder, f"conversation-{cid}", suffix, self.history.export(cid, suffix[1:]))
+            written = [write_new(folder, f"conversation-{cid}", suffix, self.session.export(cid, suffix[1:]))
                        for suffix in (".md", ".json")]
         except OSError as e:
             self.notify(f"Could not export to {folder}: {e.strerror or e}. Nothing was overwritten; the "

@@ -14,9 +14,10 @@ class DialogsMixin:
     def action_about(self) -> None:
         from assets import read_text
 
-        engine = self.session.engine
-        models = [f"chat: {engine.model_name if engine else self.config.model.source}",
-                  f"guard: {self.config.guard.source if self.config.guard.enabled else 'off (unguarded)'}"]
+        engine = self.session.describe()
+        models = [f"chat: {engine['model']}" + (f" ({engine['where']})" if engine["where"] else ""),
+                  f"guard: {self.config.guard.source if self.config.guard.enabled else 'off (unguarded)'}"
+                  + (f" ({engine['guard']})" if engine["guard"] else "")]
         self.push_screen(AboutScreen(read_text("about.md"), models, self.versions()))
 
     @staticmethod
@@ -63,9 +64,7 @@ class DialogsMixin:
             if reloads() != old:
                 if self.busy:
                     self.cancel.set()
-                if self.session.engine is not None:
-                    self.session.engine.runner.close()
-                self.session.engine = None
+                self.session.detach()
                 self.loading_text = "reloading…"
                 self.guard_state = "loading" if self.config.guard.enabled else "off"
                 self.refresh_status()
@@ -73,19 +72,8 @@ class DialogsMixin:
             self.notify("Settings applied for this run.")
 
         # the cached checkpoints, and every model that loaded in this run (a failed switch keeps them listed)
-        extra = self.cached_sources() + [s for s in self.loaded_sources if s not in self.cached_sources()]
+        cached = self.session.cached_models()
+        extra = cached + [s for s in self.loaded_sources if s not in cached]
         choices = MODEL_CHOICES + [(s.rstrip("/").split("/")[-1], s) for s in extra
                                    if s not in dict(MODEL_CHOICES).values()]
         self.push_screen(SettingsScreen(self.config, choices, self.config.guard.enabled), applied)
-
-    @staticmethod
-    def cached_sources() -> list[str]:
-        """Llama checkpoints present in the local Hugging Face cache."""
-        try:
-            from huggingface_hub import scan_cache_dir
-
-            repos = scan_cache_dir().repos
-        except Exception:  # no cache folder yet
-            return []
-        return sorted(r.repo_id for r in repos if r.repo_type == "model" and "llama" in r.repo_id.lower()
-                      and "guard" not in r.repo_id.lower())

@@ -8,6 +8,8 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import (Button, DataTable, Input, Label, Markdown, Select, SelectionList, Static, TextArea)
 
+from app.workspace import guard_categories
+
 AUP_URL = "https://www.llama.com/llama3_2/use-policy/"
 
 
@@ -57,7 +59,8 @@ class VerdictScreen(Modal):
                 result = "passed" if v["safe"] else "blocked"
                 cats = ", ".join(v.get("category_names") or []) or v.get("reason") or "-"
                 table.add_row(v["stage"], result, cats, f"{(v.get('score') or 0):.3f}",
-                              f"{(v.get('latency_s') or 0) * 1000:.0f}", v.get("guard_model") or "-")
+                              f"{(v.get('latency_s') or 0) * 1000:.0f}", (v.get("guard_model") or "-") + (
+                                  f" ({v['engine']})" if v.get("engine") not in (None, "", "local") else ""))
             yield table
             yield Button("Close", id="close", variant="primary")
 
@@ -146,8 +149,6 @@ class SettingsScreen(Modal):
         self.config, self.model_choices, self.guard_available = config, model_choices, guard_available
 
     def compose(self) -> ComposeResult:
-        from guard.categories import DISPLAY_NAMES, LLAMA_GUARD_3_CATEGORIES
-
         g, c = self.config.generation, self.config
         with Vertical(classes="dialog wide"):
             yield Label("Settings (for this run)", classes="title")
@@ -183,8 +184,8 @@ class SettingsScreen(Modal):
                               ("bf16: unquantized", "bf16"), ("int8: native int8 kernel", "int8")],
                              value=c.guard.precision, allow_blank=False, id="precision")
                 yield Label("Categories screened (unticked ones are excluded)")
-                yield SelectionList(*[(f"{code} {DISPLAY_NAMES[code]}", code, code not in c.guard.excluded)
-                                      for code in LLAMA_GUARD_3_CATEGORIES], id="categories")
+                yield SelectionList(*[(f"{code} {name}", code, code not in c.guard.excluded)
+                                      for code, name in guard_categories()], id="categories")
             with Vertical(classes="actions"):  # docked: the error and the buttons show at any window size
                 yield Static("", id="error", classes="warning")
                 with Horizontal(classes="buttons"):
@@ -216,8 +217,6 @@ class SettingsScreen(Modal):
                 raise ValueError(f"{id_.replace('_', ' ')} must be between {lo} and {hi}")
             return value
 
-        from guard.categories import LLAMA_GUARD_3_CATEGORIES
-
         screened = set(self.query_one("#categories", SelectionList).selected)
         path = self.query_one("#model-path", Input).value.strip()
         return {
@@ -229,7 +228,7 @@ class SettingsScreen(Modal):
             "generation.max_new_tokens": number("max_new_tokens", int, 1, 32768, optional=False),
             "guard.mode": self.query_one("#mode", Select).value,
             "guard.precision": self.query_one("#precision", Select).value,
-            "guard.excluded": [c for c in LLAMA_GUARD_3_CATEGORIES if c not in screened],
+            "guard.excluded": [code for code, _ in guard_categories() if code not in screened],
         }
 
 

@@ -89,7 +89,7 @@ def test_show_round_trips_through_toml(tmp_path):
 
 
 def test_compiled_decoding_is_for_lasting_chats_on_a_cpu_unless_set():
-    from app.session import wants_compile
+    from app.engine import wants_compile
 
     config = Config()
     config.model.device = "cpu"

@@ -62,5 +62,5 @@ def test_doctor_names_the_forced_kernel_and_a_slow_mode(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "int8/int4     PyTorch's kernels (LLAMA_CHAT_KERNEL=torch asks for PyTorch's kernels)" in r.stdout
     assert "weights       bf16 (asked: int4) - --quantize int4 needs the native int8/int4 kernel" in r.stdout
-    assert "chat model    meta-llama/Llama-3.2-1B-Instruct: missing" in r.stdout
+    assert "chat model    meta-llama/Llama-3.2-1B-Instruct (local): missing" in r.stdout
     assert "guard         on" in r.stdout and str(tmp_path / "home" / "data" / "history.sqlite3") in r.stdout

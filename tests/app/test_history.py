@@ -374,7 +374,9 @@ def test_two_processes_continuing_one_conversation_keep_each_answer_with_its_que
     users = "SELECT count(*) FROM messages WHERE conversation_id = ? AND role = 'user'"
     replies = "SELECT count(*) FROM messages WHERE conversation_id = ? AND role = 'assistant'"
     a = subprocess.Popen([sys.executable, "-c", TURN, str(path), str(cid), "Question A", users, "3"])
-    time.sleep(0.5)  # A's message is stored first
+    while h.db.execute(users, (cid,)).fetchone()[0] < 2:  # A's message is stored first
+        assert a.poll() is None, "the first process ended before storing its message"
+        time.sleep(0.05)
     b = subprocess.Popen([sys.executable, "-c", TURN, str(path), str(cid), "Question B", replies, "2"])
     assert a.wait(timeout=120) == 0 and b.wait(timeout=120) == 0
     stored = [r[0] for r in h.db.execute("SELECT content FROM messages ORDER BY id")]

@@ -217,11 +217,12 @@ def test_esc_during_the_input_check_stops_it_and_nothing_is_sent(tmp_path, tiny_
     assert [m.status for m in s.messages()] == ["stopped", "complete", "complete"] and len(s.context()) == 2
 
 
-def test_a_fast_mode_reply_cut_short_marks_what_was_never_checked(tmp_path):
-    """Issue 20, item 12: in fast mode text is shown before it is checked; a reply that ends early (here an
-    error) stores how much its checks passed, and the transcript and exports mark the rest."""
+def test_a_fast_mode_reply_cut_short_is_checked_before_the_turn_ends(tmp_path):
+    """Issues 18 and 20: in fast mode text is shown before it is checked. A reply cut short by an error (a
+    server that died) has what was shown checked before the turn ends: kept, marked error, when it passes;
+    retracted when it does not. What a killed process never checked is marked in the transcript and exports."""
     from app.history import UNCHECKED_MARK
-    from tests.helpers.scripted import ScriptedGuard, ScriptedRunner
+    from tests.helpers.scripted import KEYWORD, ScriptedGuard, ScriptedRunner
 
     class FailingRunner(ScriptedRunner):
         def stream(self, messages, **kw):
@@ -230,18 +231,29 @@ def test_a_fast_mode_reply_cut_short_marks_what_was_never_checked(tmp_path):
                     raise RuntimeError("device lost")
                 yield piece
 
-    s = make_session(tmp_path, FailingRunner(), ScriptedGuard(), mode="fast")
-    s.config.guard.check_every = 4
-    events = list(s.send("Capital of France?"))
+    def send(folder, reply):
+        folder.mkdir(exist_ok=True)
+        s = make_session(folder, FailingRunner(reply=reply), ScriptedGuard(), mode="fast")
+        s.config.guard.check_every = 4
+        events = list(s.send("Capital of France?"))
+        return s, events, "".join(e.text for e in events if isinstance(e, Released))
+
+    s, events, shown = send(tmp_path / "a", "one two three four five six seven eight nine ten eleven twelve")
     assert isinstance(events[-2], Error) and events[-1].status == "error"
     reply = s.messages()[-1]
-    shown = "".join(e.text for e in events if isinstance(e, Released))
-    assert reply.content == shown and reply.verdicts and all(v["safe"] for v in reply.verdicts)
-    assert 0 < reply.checked_chars < len(shown) and reply.unchecked == shown[reply.checked_chars:]
-    md = s.history.export(s.conversation_id, "md")
-    assert f"{shown[:reply.checked_chars]}\n\n{UNCHECKED_MARK}\n\n{reply.unchecked}" in md
-    (tmp_path / "b").mkdir()  # a fast-mode reply that completed: every character was checked, nothing marked
-    done = make_session(tmp_path / "b", ScriptedRunner(), ScriptedGuard(), mode="fast")
+    assert reply.content == shown and len(reply.verdicts) >= 2 and all(v["safe"] for v in reply.verdicts)
+    assert reply.checked_chars == len(shown) and not reply.unchecked
+    s, events, shown = send(tmp_path / "b", f"one two three {KEYWORD} five six seven eight")  # after the 1st check
+    assert [type(e).__name__ for e in events[-3:]] == ["Retracted", "Error", "Done"] and events[-1].status == "blocked"
+    assert s.messages()[-1].status == "blocked" and s.context() == []
+    # a killed process leaves a fast-mode reply whose checks covered only its start (test_cli's kill -9 tests)
+    s, _events, shown = send(tmp_path / "c", "one two three four five six seven eight nine ten eleven twelve")
+    s.history.update_message(s.messages()[-1].id, checked_chars=4)
+    reply = s.messages()[-1]
+    assert reply.unchecked == shown[4:]
+    assert f"{shown[:4]}\n\n{UNCHECKED_MARK}\n\n{reply.unchecked}" in s.history.export(s.conversation_id, "md")
+    (tmp_path / "d").mkdir()  # a fast-mode reply that completed: every character was checked, nothing marked
+    done = make_session(tmp_path / "d", ScriptedRunner(), ScriptedGuard(), mode="fast")
     list(done.send("Capital of France?"))
     reply = done.messages()[-1]
     assert reply.status == "complete" and reply.checked_chars == len(reply.content)

@@ -45,7 +45,7 @@ def train_tiny_guard(folder: Path, tokenizer_dir: Path, *, steps: int = 500, see
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    model = LlamaForCausalLM(tiny_llama_config(tied=False, layers=2, hidden=64)).float()
+    model = LlamaForCausalLM(tiny_llama_config(tied=False, layers=2, hidden=64, heads=2)).float()  # vLLM serves it too
     # Embeddings and output layer stay random (and frozen): the layers learn to steer the verdict
     # position onto the right output rows, which keeps each step cheap.
     with torch.no_grad():

@@ -90,14 +90,15 @@ def test_gguf_file_loads_with_same_logits(tiny_llama_dir, llama_tokenizer_dir, t
     torch.testing.assert_close(got, reference_logits(tiny_llama_dir, ids), atol=1e-4, rtol=1e-4)
 
     # Its tokenizer was converted once and kept: later loads read the saved copy, checked file by file.
-    from model.loading import load_tokenizer, resolve_source
-    from model.qcache import app_cache_folder, cached_tokenizer
+    from model.host import app_cache_folder
+    from model.loading import resolve_source
+    from model.qcache import cached_tokenizer
 
     converted, src = [], resolve_source(path)
 
-    def convert():
+    def convert():  # the conversion itself ran in Runner.load (~40 s for 128k tokens); its result stands in
         converted.append(1)
-        return load_tokenizer(src)
+        return r.tokenizer
 
     def encode(tokenizer):
         return tokenizer(text, add_special_tokens=False)["input_ids"]

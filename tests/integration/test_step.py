@@ -53,9 +53,9 @@ def test_models_with_swapped_layers_keep_transformers_forward(tiny_llama_dir):
 @pytest.mark.parametrize("mode", ["int8", "int4", "int4-fast"])
 def test_native_step_tracks_the_lean_step_as_the_cache_grows(tiny_llama_dir, monkeypatch, mode, dtype,
                                                              kernel_variant):
-    import model.kvcache
+    import model.growing
 
-    monkeypatch.setattr(model.kvcache, "GROW", 3)  # buffers move under the native step every few tokens
+    monkeypatch.setattr(model.growing, "GROW", 3)  # buffers move under the native step every few tokens
     m = tiny(tiny_llama_dir, dtype, mode)
     assert isinstance(eager_step(m), NativeStep)
     ids, steps = list(range(1000, 1030)), [int(t) for t in torch.randint(1000, 120000, (40,), generator=torch.Generator().manual_seed(0))]

@@ -19,7 +19,7 @@ def present_model(tmp_path):
     return folder
 
 
-def make_config(source, *, guard=True, mode="strict", max_new_tokens=24) -> Config:
+def make_config(source, *, guard=True, mode="strict", max_new_tokens=256) -> Config:
     c = Config()
     c.model.source = str(source)
     c.guard.enabled = guard

@@ -36,7 +36,8 @@ def real_loader(runner, guard):
 @pytest.mark.slow
 def test_send_streams_a_screened_reply_and_lists_the_chat(present_model, tiny_runner, tiny_guard):
     async def go():
-        app = LlamaChatApp(make_config(present_model), engine_loader=real_loader(tiny_runner, tiny_guard), animate=False)
+        config = make_config(present_model, max_new_tokens=24)
+        app = LlamaChatApp(config, engine_loader=real_loader(tiny_runner, tiny_guard), animate=False)
         async with app.run_test(size=(100, 30)) as pilot:
             await wait_for(pilot, lambda: app.session.engine is not None)
             assert app.guard_state == "on fp32"  # the tiny guard, unquantized
@@ -44,7 +45,7 @@ def test_send_streams_a_screened_reply_and_lists_the_chat(present_model, tiny_ru
             user, reply = views(app)
             assert user.text == "Tell me about bread." and user.verdicts[0]["safe"] and user.message_id
             assert reply.status == "complete" and reply.text and reply.verdicts[-1]["safe"]
-            assert reply.text == app.history.messages(app.session.conversation_id)[-1].content
+            assert reply.text == app.session.browse.messages(app.session.conversation_id)[-1].content
             assert "✓ passed" in str(reply.query_one(".badge").render())
             assert app.query_one("#conversations").option_count == 1
             assert "tok/s" in str(app.query_one("#status").render())
@@ -56,7 +57,8 @@ def test_send_streams_a_screened_reply_and_lists_the_chat(present_model, tiny_ru
 @pytest.mark.slow
 def test_blocked_input_shows_a_refusal_and_never_runs_the_model(present_model, tiny_runner, tiny_guard):
     async def go():
-        app = LlamaChatApp(make_config(present_model), engine_loader=real_loader(tiny_runner, tiny_guard), animate=False)
+        config = make_config(present_model, max_new_tokens=24)
+        app = LlamaChatApp(config, engine_loader=real_loader(tiny_runner, tiny_guard), animate=False)
         async with app.run_test(size=(100, 30)) as pilot:
             await wait_for(pilot, lambda: app.session.engine is not None)
             tiny_runner.last_stats = None
@@ -75,7 +77,8 @@ def test_blocked_input_shows_a_refusal_and_never_runs_the_model(present_model, t
 @pytest.mark.parametrize("mode", ["strict", "fast"])
 def test_blocked_reply_strict_and_retracted_reply_fast(present_model, keyword_runner, tiny_guard, mode):
     async def go():
-        app = LlamaChatApp(make_config(present_model, mode=mode), engine_loader=real_loader(keyword_runner, tiny_guard),
+        app = LlamaChatApp(make_config(present_model, mode=mode, max_new_tokens=24),
+                           engine_loader=real_loader(keyword_runner, tiny_guard),
                            animate=False)
         seen = []
         async with app.run_test(size=(100, 30), message_hook=seen.append) as pilot:
@@ -110,7 +113,7 @@ def test_escape_stops_a_long_reply_and_keeps_it(present_model, tiny_runner):
             await wait_for(pilot, lambda: not app.busy)
             reply = views(app)[-1]
             assert reply.status == "stopped" and "stopped" in str(reply.query_one(".badge").render())
-            stored = app.history.messages(app.session.conversation_id)[-1]
+            stored = app.session.browse.messages(app.session.conversation_id)[-1]
             assert stored.status == "stopped" and stored.content == reply.text and stored.stats["new_tokens"] < 3000
 
     run(go())
@@ -134,7 +137,7 @@ def test_edit_regenerate_search_and_reopen(present_model):
             await pilot.press("enter")
             await wait_for(pilot, lambda: not app.busy and views(app)[-1].status == "complete")
             assert [v.text for v in views(app) if v.role == "user"] == ["First question about rivers", "Edited question"]
-            assert [m.content for m in app.history.messages(app.session.conversation_id) if m.role == "user"] == [
+            assert [m.content for m in app.session.browse.messages(app.session.conversation_id) if m.role == "user"] == [
                 "First question about rivers", "Edited question"]
             await pilot.press("ctrl+n")
             assert views(app) == []
@@ -168,7 +171,7 @@ def test_system_prompt_change_reaches_the_model(present_model):
             await pilot.click("#apply")
             await send(pilot, app, "Hello")
             assert runner.prompts[-1][0] == {"role": "system", "content": "You are a pirate."}
-            assert app.history.get_conversation(app.session.conversation_id).system_prompt == "You are a pirate."
+            assert app.session.browse.get_conversation(app.session.conversation_id).system_prompt == "You are a pirate."
 
     run(go())
 
@@ -288,7 +291,7 @@ def test_a_damaged_history_opens_with_a_notice_and_recovers_in_place(present_mod
         async with app.run_test(size=(100, 30), notifications=True) as pilot:
             await wait_for(pilot, lambda: isinstance(app.screen, ConfirmScreen))
             assert str(path) in app.screen.question and "is damaged" in app.screen.question
-            assert app.query_one("#conversations").option_count == 0 and app.history.read_only
+            assert app.query_one("#conversations").option_count == 0 and app.session.browse.read_only
             await pilot.click("#yes")
             await wait_for(pilot, lambda: app.query_one("#conversations").option_count == 12)
             assert any("Recovered 12 conversations" in n.message for n in app._notifications)
@@ -331,7 +334,7 @@ def test_esc_cancels_the_input_check(present_model):
             (user,) = views(app)
             assert user.status == "stopped" and "not screened" in str(user.query_one(".badge").render())
             assert prompt.text == "A long question" and runner.prompts == []  # kept to resend; the model never ran
-            assert app.history.messages(app.session.conversation_id)[0].status == "stopped"
+            assert app.session.browse.messages(app.session.conversation_id)[0].status == "stopped"
 
     run(go())
 
@@ -349,7 +352,7 @@ def test_a_turn_stored_elsewhere_is_shown_before_the_next_one(present_model):
         async with app.run_test(size=(100, 30), notifications=True) as pilot:
             await wait_for(pilot, lambda: app.session.engine is not None)
             await send(pilot, app, "First, here")
-            other = History(app.history.path)  # another process's connection
+            other = History(app.session.browse.path)  # another process's connection
             q = other.add_message(app.session.conversation_id, "user", "Asked elsewhere")
             other.add_message(app.session.conversation_id, "assistant", "Answered elsewhere", parent_id=q)
             await send(pilot, app, "Second, here")

@@ -94,7 +94,7 @@ def test_a_message_sent_during_a_reply_is_queued_behind_it(present_model):
 
 
 def test_the_status_bar_changes_while_a_reply_streams(present_model):
-    runner = ScriptedRunner(reply="word " * 200, delay=0.01)
+    runner = ScriptedRunner(reply="word " * 200, delay=0.02)
 
     async def go():
         app = LlamaChatApp(make_config(present_model, guard=False, max_new_tokens=400),
@@ -152,7 +152,7 @@ def test_quitting_mid_reply_stops_it_and_stores_it_stopped(present_model):
         return app
 
     app = run(go())
-    reply = History(app.history.path).messages(app.session.conversation_id)[-1]
+    reply = History(app.session.browse.path).messages(app.session.conversation_id)[-1]
     assert reply.status == "stopped" and 50 < len(reply.content) < len(runner.reply)
 
 
@@ -172,7 +172,7 @@ def test_verdicts_of_a_blocked_reply_show_every_check_once(present_model):
             app.query_one("#prompt", PromptArea).text = "Say something"
             await pilot.press("enter")
             await wait_for(pilot, lambda: not app.busy and list(app.query(MessageView))[-1].status == "blocked")
-            stored = app.history.messages(app.session.conversation_id)[-1].verdicts
+            stored = app.session.browse.messages(app.session.conversation_id)[-1].verdicts
             assert [v["safe"] for v in stored][-1] is False and len(stored) >= 3
             await pilot.press("ctrl+g")
             assert isinstance(app.screen, VerdictScreen)
@@ -331,7 +331,7 @@ def test_a_failed_download_offers_a_retry_and_the_demo(monkeypatch):
     async def go():
         app = LlamaChatApp(make_config("meta-llama/Llama-3.2-1B-Instruct"), engine_loader=scripted_loader(),
                            animate=False)
-        app.demo_available = lambda: True
+        app.session.demo_available = lambda: True
         async with app.run_test(size=(100, 30), notifications=True) as pilot:
             await wait_for(pilot, lambda: isinstance(app.screen, FirstRunScreen))
             await pilot.click("#download")

@@ -37,7 +37,7 @@ def test_the_override_forces_a_variant_the_cpu_has():
 
 
 def test_a_library_of_another_abi_is_refused_and_deleted(kernel_variant, monkeypatch):
-    from model.qcache import app_cache_folder
+    from model.host import app_cache_folder
 
     built_for = qkernel.ABI
     qkernel._entry_point.cache_clear()

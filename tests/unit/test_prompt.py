@@ -94,10 +94,10 @@ def test_encode_chat_rejects_bad_messages(llama_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def smol_tokenizer(smollm2_gguf):
+def smol_tokenizer(smollm2_gguf_file):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    return AutoTokenizer.from_pretrained(smollm2_gguf_file.parent, gguf_file=smollm2_gguf_file.name)
 
 
 def test_chatml_checkpoint_uses_its_own_template(smol_tokenizer):
