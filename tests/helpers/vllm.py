@@ -57,8 +57,10 @@ class VllmServer:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def wait_ready(self) -> float:
-        """Seconds from start until `GET /v1/models` answers; raises with the log's tail if it never does."""
-        while time.monotonic() - self.started < READY_TIMEOUT_S:
+        """Seconds from start until `GET /v1/models` answers; raises with the log's tail if it does not within
+        READY_TIMEOUT_S from now (it may have been started long before)."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 break
             try:

@@ -42,6 +42,7 @@ def config_for(vllm, *, chat: str, guard: str | None, **generation):
 
     c = Config()
     c.model.source, c.guard.source, c.model.dtype = str(vllm.chat_dir), str(vllm.guard_dir), "float32"
+    c.model.quantize, c.guard.precision = "bf16", "bf16"  # the local side as it is on disk
     if chat != "local":
         c.model.backend, c.model.base_url = "openai", chat
     c.guard.enabled = guard is not None
@@ -143,7 +144,7 @@ def test_the_tui_opens_its_history_when_the_server_does_not_answer(vllm):
     cid = h.create_conversation("Earlier question", system_prompt="", model="x")
     h.add_message(cid, "user", "Earlier question", status="complete")
     h.close()
-    config = config_for(vllm, chat=f"http://127.0.0.1:{free_port()}/v1", guard="local")
+    config = config_for(vllm, chat=f"http://127.0.0.1:{free_port()}/v1", guard=None)
 
     async def go():
         app = LlamaChatApp(config, animate=False)
