@@ -32,12 +32,21 @@ def pytest_unconfigure(config):
     stop_early()
 
 
+@pytest.fixture(scope="session")
+def _shared_kernels(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("kernels")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path, monkeypatch):
-    """No test touches real user data or the network."""
+def _isolated_home(tmp_path, monkeypatch, _shared_kernels):
+    """No test touches real user data or the network. The native kernel library, which a fresh home compiles
+    (~13 s, in every `llama-chat` process a test starts), is compiled once per run: each home's kernels
+    folder links to one folder."""
     monkeypatch.setenv("LLAMA_CHAT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    (tmp_path / "home" / "cache").mkdir(parents=True)
+    (tmp_path / "home" / "cache" / "kernels").symlink_to(_shared_kernels, target_is_directory=True)
 
 
 def package_dir(name: str) -> Path | None:

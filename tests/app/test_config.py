@@ -15,13 +15,14 @@ def write(path, text):
     return path
 
 
-def test_defaults_and_locations_follow_llama_chat_home(tmp_path):
+def test_defaults_and_locations_follow_llama_chat_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA_CHAT_HOME", str(tmp_path / "fresh"))  # not the shared test home (conftest)
     c = load_config(env={})
     assert c.model.source == "meta-llama/Llama-3.2-1B-Instruct" and c.guard.enabled and c.guard.mode == "strict"
     assert c.model.quantize == "auto"  # int4 on the CPU (model.device.pick_quantize)
-    assert config_file() == tmp_path / "home" / "config" / "config.toml"
-    assert database_file() == tmp_path / "home" / "data" / "history.sqlite3"
-    assert not (tmp_path / "home").exists()  # nothing is created by reading settings
+    assert config_file() == tmp_path / "fresh" / "config" / "config.toml"
+    assert database_file() == tmp_path / "fresh" / "data" / "history.sqlite3"
+    assert not (tmp_path / "fresh").exists()  # nothing is created by reading settings
 
 
 def test_precedence_cli_over_env_over_file(tmp_path):

@@ -36,9 +36,10 @@ def test_the_override_forces_a_variant_the_cpu_has():
         pick_variant("sse", "x86_64", ZEN4)
 
 
-def test_a_library_of_another_abi_is_refused_and_deleted(kernel_variant, monkeypatch):
+def test_a_library_of_another_abi_is_refused_and_deleted(kernel_variant, monkeypatch, tmp_path):
     from model.host import app_cache_folder
 
+    monkeypatch.setenv("LLAMA_CHAT_HOME", str(tmp_path / "own"))  # a kernels folder of its own, not the shared one
     built_for = qkernel.ABI
     qkernel._entry_point.cache_clear()
     monkeypatch.setattr(qkernel, "ABI", built_for + 1)
