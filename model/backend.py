@@ -10,6 +10,7 @@ stats are the same for both.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -86,9 +87,12 @@ class ChatBackend(ABC):
         """Where replies come from, for a status bar: the device and weights, or the server."""
         return self.device + (f" {self.quantize}" if self.quantize not in ("", "bf16") else "")
 
+    @functools.cached_property
+    def _special_ids(self) -> frozenset:
+        return frozenset(i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special)
+
     def _remember(self, text: str, ids: list[int]) -> None:
-        special = {i for i, t in self.tokenizer.added_tokens_decoder.items() if t.special}
-        if text and text == text.strip() and not special.intersection(ids):
+        if text and text == text.strip() and not self._special_ids.intersection(ids):
             self._replies[text] = tuple(ids)
             self._replies.move_to_end(text)
             while len(self._replies) > REMEMBERED_REPLIES:

@@ -30,6 +30,18 @@ def status(app) -> str:
     return str(app.query_one("#status").render())
 
 
+def unguarded_app(present_model, runner, *, max_new_tokens: int):
+    return LlamaChatApp(make_config(present_model, guard=False, max_new_tokens=max_new_tokens),
+                        engine_loader=scripted_loader(runner), animate=False)
+
+
+async def send(pilot, app, text: str) -> None:
+    """Once the engine is ready, type `text` and press Enter."""
+    await wait_for(pilot, lambda: app.session.engine is not None)
+    app.query_one("#prompt", PromptArea).text = text
+    await pilot.press("enter")
+
+
 def test_a_message_sent_while_loading_is_queued_and_goes_out_when_ready(present_model):
     gate, runner = threading.Event(), ScriptedRunner()
 
@@ -97,13 +109,9 @@ def test_the_status_bar_changes_while_a_reply_streams(present_model):
     runner = ScriptedRunner(reply="word " * 200, delay=0.02)
 
     async def go():
-        app = LlamaChatApp(make_config(present_model, guard=False, max_new_tokens=400),
-                           engine_loader=scripted_loader(runner), animate=False)
+        app = unguarded_app(present_model, runner, max_new_tokens=400)
         async with app.run_test(size=(100, 30)) as pilot:
-            await wait_for(pilot, lambda: app.session.engine is not None)
-            prompt = app.query_one("#prompt", PromptArea)
-            prompt.text = "Go"
-            await pilot.press("enter")
+            await send(pilot, app, "Go")
             seen = set()
             while app.busy or not seen:
                 if app.busy:
@@ -141,12 +149,9 @@ def test_quitting_mid_reply_stops_it_and_stores_it_stopped(present_model):
     runner = ScriptedRunner(reply="word " * 2000, delay=0.01)
 
     async def go():
-        app = LlamaChatApp(make_config(present_model, guard=False, max_new_tokens=4000),
-                           engine_loader=scripted_loader(runner), animate=False)
+        app = unguarded_app(present_model, runner, max_new_tokens=4000)
         async with app.run_test(size=(100, 30)) as pilot:
-            await wait_for(pilot, lambda: app.session.engine is not None)
-            app.query_one("#prompt", PromptArea).text = "Write an essay"
-            await pilot.press("enter")
+            await send(pilot, app, "Write an essay")
             await wait_for(pilot, lambda: app.reply_view is not None and len(app.reply_view.text) > 50)
             await pilot.press("ctrl+q")
         return app
