@@ -236,7 +236,7 @@ def cmd_ask(args) -> int:
         session.set_system_prompt(args.system)
     elif args.preset:
         session.set_system_prompt(config.preset(args.preset))
-    session.engine = Engine.load(config, use_guard=config.guard.enabled, demo=args.demo)
+    session.attach(Engine.load(config, use_guard=config.guard.enabled, demo=args.demo))
     # said once the models are loaded: a guard that fails to load stops everything before this
     if args.demo:
         print(f"{DEMO_NOTE}, {'screened by ' + config.guard.source if config.guard.enabled else 'running unguarded (no Llama Guard)'}",

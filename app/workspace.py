@@ -8,6 +8,8 @@ on `history`, the worker's.
 
 from __future__ import annotations
 
+import gc
+
 from app.errors import HistoryDamaged, LlamaChatError
 
 DAMAGED = "the history file is damaged; recover it first (llama-chat history recover)"
@@ -38,6 +40,7 @@ class Workspace:
     history = browse = config = engine = None
     conversation_id: int | None = None
     history_problem: HistoryDamaged | None = None
+    _froze = False  # attach froze the objects alive then (see attach)
 
     # -- stored conversations --------------------------------------------------------------------
     @property
@@ -131,7 +134,16 @@ class Workspace:
                       and "guard" not in r.repo_id.lower())
 
     def attach(self, engine) -> list[str]:
-        """Answer with `engine` from now on; returns what the user should know of it (a slower mode in use)."""
+        """Answer with `engine` from now on; returns what the user should know of it (a slower mode in use).
+
+        The objects alive now (torch, transformers, the models: hundreds of thousands) live as long as the
+        engine, so they are frozen out of the cyclic collector (gc.freeze) until `detach`: in the oldest
+        generation a full collection still walked them all, with the GIL held, whenever the UI's own objects
+        piled up, stalling decoding and drawing alike in the middle of a reply. Garbage among them is found
+        again once they are thawed."""
+        if self.engine is None and not gc.get_freeze_count():
+            gc.freeze()
+            self._froze = True
         self.engine = engine
         engine.runner.reset()
         return [n for n in (engine.runner.quantize_note, engine.guard.precision_note if engine.guard else "") if n]
@@ -143,6 +155,9 @@ class Workspace:
             if self.engine.guard is not None:
                 self.engine.guard.close()
         self.engine = None
+        if self._froze:
+            gc.unfreeze()
+            self._froze = False
 
     def describe(self) -> dict:
         """The engine for a status bar: the chat model's name, where it runs (and its device: cpu, cuda, mps,

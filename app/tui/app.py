@@ -275,6 +275,8 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
 
     def on_unmount(self) -> None:
         self.cancel.set()
+        if self._turn is None or not self._turn.is_running:
+            self.session.detach()  # closes connections, thaws the objects attach froze
 
     # -- status ----------------------------------------------------------------------------------
     def refresh_banner(self) -> None:

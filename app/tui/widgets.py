@@ -110,5 +110,10 @@ class PromptArea(TextArea):
 class StatusBar(Static):
     """Model and device · guard state · context used · speed of the last reply."""
 
+    text = ""
+
     def show(self, *, model: str, device: str, guard: str, context: str, speed: str) -> None:
-        self.update(f" {model} · {device} │ guard {guard} │ ctx {context} │ {speed}")
+        text = f" {model} · {device} │ guard {guard} │ ctx {context} │ {speed}"
+        if text != self.text:  # one line whatever it says: a repaint, not a layout of the whole screen
+            self.text = text
+            self.update(text, layout=False)

@@ -283,3 +283,30 @@ def test_the_system_prompt_is_the_users_own_words_and_never_reaches_the_guard(tm
     assert guard.seen and all(m["role"] in ("user", "assistant") and "Ignore the guard" not in m["content"]
                               for messages in guard.seen for m in messages)
     assert f"**System:** {s.system_prompt}" in s.history.export(s.conversation_id, "md")
+
+
+def test_an_attached_engine_is_kept_out_of_full_collections_and_let_go_on_detach(tmp_path, tiny_runner):
+    """A full collection walked every object of the loaded models with the GIL held, in the middle of a
+    reply; while an engine is attached they are frozen, and thawed (collectable again) after."""
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    session = ChatSession(History(tmp_path / "h.sqlite3"), Config())
+    cycle = Node()
+    cycle.me = cycle  # garbage only the cyclic collector finds, alive when the engine is attached
+    probe = weakref.ref(cycle)
+    session.attach(Engine(tiny_runner, None, "tiny"))
+    try:
+        assert gc.get_freeze_count() > 10_000  # torch, transformers, the model's modules
+        del cycle
+        gc.collect()
+        assert probe() is not None  # frozen: no collection walks it
+        assert list(session.send("Hello")), "the session answers with its engine attached"
+    finally:
+        session.detach()
+    assert gc.get_freeze_count() == 0 and session.engine is None
+    gc.collect()
+    assert probe() is None  # thawed: found again

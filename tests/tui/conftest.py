@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 
 from app.config import Config
+
+
+@pytest.fixture(autouse=True)
+def thawed():
+    """An app that exits before its models finish loading still attaches them (then froze the objects alive,
+    see app.workspace.attach, for a process that is ending); the next test starts with none frozen."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture
