@@ -3,9 +3,10 @@ random weights. Compares one input check (cached prompt head + one forward pass)
 generate() producing the 3 tokens of a real "safe" verdict, and measures what streaming moderation
 adds to a 256-token reply at the runner's decode speed. Then the end-to-end figure: a 256-token reply
 through the real session path in the app's default configuration (the chat model in its `auto` weight
-mode, the guard in its `auto` precision, strict mode), guarded and unguarded, alternating in this process;
-and, in a fresh process, the peak RSS with both models loaded that way from their caches. Prints JSON;
-the last line is the summary."""
+mode, the guard in its `auto` precision, strict mode), guarded and unguarded, alternating in this process.
+`peak_rss_mb` is this process's peak, which includes the full-precision random models built first (not
+the RSS of both models loaded from their caches in a fresh process). Prints JSON; the last line is the
+summary."""
 
 from __future__ import annotations
 
