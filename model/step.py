@@ -69,7 +69,8 @@ HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128, 256)  # lc_decode's attention (model/k
 class NativeStep(LlamaStep):
     """The decoder layers of a step in one call of the kernel library (`lc_decode` in
     model/kernels/decode.cpp) when every projection is a `QLinear` and activations are bf16 or fp32: no
-    PyTorch op between the layers' matmuls. Embedding, final norm and output layer stay the modules'."""
+    PyTorch op between the layers' matmuls. Embedding, final norm and output layer stay the modules'; the
+    rotary embedding's rows come from a table (`rotary`)."""
 
     def __init__(self, model):
         import torch
@@ -87,6 +88,7 @@ class NativeStep(LlamaStep):
         self.layers = (DecodeLayer * len(layers))()
         self.kv_like = torch.empty(1, config.num_key_value_heads, 0, attn0.head_dim, dtype=model.dtype)
         self.held = []  # weak references to the key buffers whose addresses `self.layers` holds
+        self._table = None  # cos and sin for positions 0.. (see rotary)
         for spec, layer in zip(self.layers, layers):
             attn, mlp = layer.self_attn, layer.mlp
             spec.attn_norm = layer.input_layernorm.weight.data_ptr()
@@ -134,16 +136,37 @@ class NativeStep(LlamaStep):
             for spec, (keys, values) in zip(self.layers, buffers):
                 spec.keys, spec.values, spec.capacity = keys.data_ptr(), values.data_ptr(), keys.shape[-2]
         h = self.inner.embed_tokens(x).contiguous()
-        cos, sin = self.inner.rotary_emb(h, position_ids=torch.tensor([[n]]))
-        cos, sin = cos.contiguous(), sin.contiguous()
+        cos, sin = self.rotary(h, n)
         self.shape.position = n
-        status = self.lib.lc_decode(h.data_ptr(), self.layers, self.shape, cos.data_ptr(), sin.data_ptr(),
-                                    torch.get_num_threads())
+        status = self.lib.lc_decode(h.data_ptr(), self.layers, self.shape, cos, sin, torch.get_num_threads())
         if status != 0:
             raise ValueError("lc_decode: the model's shapes do not fit the kernel")
         for layer in layers:
             layer.advance(n + 1)
         return self.model.lm_head(self.inner.norm(h))[0, -1]
+
+
+    def rotary(self, h, n: int) -> tuple[int, int]:
+        """Addresses of position n's cos and sin rows. Where the rotary embedding does not depend on the
+        sequence's length (all but dynamic RoPE types), its rows come from a table made by the same module
+        for a range of positions (the same values as one position at a time), so a step runs no PyTorch op
+        for them: each op gives the GIL up and waits to take it back, behind a UI thread drawing."""
+        import torch
+
+        rope = self.inner.rotary_emb
+        if rope.rope_type not in STATIC_ROPE:
+            cos, sin = rope(h, position_ids=torch.tensor([[n]]))
+            self._rows = cos.contiguous(), sin.contiguous()  # held until lc_decode has read them
+            return self._rows[0].data_ptr(), self._rows[1].data_ptr()
+        if self._table is None or n >= self._table[0].shape[1]:
+            positions = max(ROPE_TABLE, 2 * (n + 1))
+            self._table = tuple(t.contiguous() for t in rope(h, position_ids=torch.arange(positions)[None]))
+        row = self._table[0].shape[-1] * self._table[0].element_size()
+        return self._table[0].data_ptr() + n * row, self._table[1].data_ptr() + n * row
+
+
+STATIC_ROPE = ("default", "llama3", "linear")  # rope types whose cos/sin at a position depend on nothing else
+ROPE_TABLE = 1024  # positions in the first table (it doubles past them)
 
 
 def eager_step(model):

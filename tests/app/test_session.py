@@ -294,7 +294,9 @@ def test_an_attached_engine_is_kept_out_of_full_collections_and_let_go_on_detach
     class Node:
         pass
 
-    session = ChatSession(History(tmp_path / "h.sqlite3"), Config())
+    config = Config()
+    config.generation.max_new_tokens = 4
+    session = ChatSession(History(tmp_path / "h.sqlite3"), config)
     cycle = Node()
     cycle.me = cycle  # garbage only the cyclic collector finds, alive when the engine is attached
     probe = weakref.ref(cycle)

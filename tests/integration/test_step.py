@@ -90,3 +90,23 @@ def test_runner_decodes_natively_in_bf16_and_fp32(tiny_runner_factory, kernel_va
     msgs = [{"role": "user", "content": "Tell me about rivers."}]
     reply = "".join(native.stream(msgs, sampling=Sampling(temperature=0, max_new_tokens=16)))
     assert reply and native.last_stats.new_tokens > 1
+
+
+def test_native_step_reads_rotary_rows_from_a_table_that_equals_the_module_position_by_position(
+        tiny_llama_dir, monkeypatch):
+    """The cos/sin table (no PyTorch op per step for them) gives the logits of calling the rotary module at
+    each position, bit for bit, also once the positions outgrow the table's first size."""
+    import model.step
+
+    m = tiny(tiny_llama_dir, torch.float32, "int4")
+    assert m.model.rotary_emb.rope_type in model.step.STATIC_ROPE
+    ids = list(range(1000, 1020))
+    steps = [int(t) for t in torch.randint(1000, 120000, (30,), generator=torch.Generator().manual_seed(1))]
+    monkeypatch.setattr(model.step, "ROPE_TABLE", 8)  # made at the first step (20), outgrown at 42
+    step = NativeStep(m)
+    got, _ = run(m, step, ids, steps)
+    assert step._table is not None and step._table[0].shape[1] == 2 * (2 * (len(ids) + 1) + 1)
+    step._table = None
+    monkeypatch.setattr(model.step, "STATIC_ROPE", ())  # one position at a time, as the module computes it
+    want, _ = run(m, step, ids, steps)
+    assert torch.equal(got, want)
