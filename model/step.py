@@ -145,7 +145,6 @@ class NativeStep(LlamaStep):
             layer.advance(n + 1)
         return self.model.lm_head(self.inner.norm(h))[0, -1]
 
-
     def rotary(self, h, n: int) -> tuple[int, int]:
         """Addresses of position n's cos and sin rows. Where the rotary embedding does not depend on the
         sequence's length (all but dynamic RoPE types), its rows come from a table made by the same module
