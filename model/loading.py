@@ -20,7 +20,8 @@ def paused_gc():
     building the model create ~570k objects that live as long as the process, and the collector went over
     the growing heap again and again: ~0.5 s of a ~4 s warm start (int4, 1B shape). Afterwards they are
     moved to the oldest generation (gc.freeze, then gc.unfreeze), where garbage among them is still found,
-    instead of a 0.2 s pass over all of them as new objects in the first reply."""
+    instead of a 0.2 s pass over all of them as new objects in the first reply. A session that keeps the
+    models freezes them for as long as it holds them (app.workspace.attach)."""
     if not gc.isenabled():
         yield
         return

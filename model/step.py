@@ -89,6 +89,7 @@ class NativeStep(LlamaStep):
         self.kv_like = torch.empty(1, config.num_key_value_heads, 0, attn0.head_dim, dtype=model.dtype)
         self.held = []  # weak references to the key buffers whose addresses `self.layers` holds
         self._table = None  # cos and sin for positions 0.. (see rotary)
+        self._rows = None  # the last position's cos and sin, where there is no table
         for spec, layer in zip(self.layers, layers):
             attn, mlp = layer.self_attn, layer.mlp
             spec.attn_norm = layer.input_layernorm.weight.data_ptr()

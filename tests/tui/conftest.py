@@ -12,8 +12,9 @@ from app.config import Config
 
 @pytest.fixture(autouse=True)
 def thawed():
-    """An app that exits before its models finish loading still attaches them (then froze the objects alive,
-    see app.workspace.attach, for a process that is ending); the next test starts with none frozen."""
+    """An app that ends while its turn still runs does not detach its engine (the worker may still use it),
+    so the objects app.workspace.attach froze stay frozen, as suits a process that is ending; the next test
+    starts with none frozen."""
     yield
     gc.unfreeze()
 
