@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,8 +55,10 @@ def _folder_kind(folder: Path) -> str | None:
     return None
 
 
-def resolve_source(src: str | os.PathLike) -> Source:
+def resolve_source(src: "str | os.PathLike | Source") -> Source:
     """Resolve what the user named; never touches the network. Errors say what was looked for."""
+    if isinstance(src, Source):
+        return src
     text = str(src)
     path = Path(text).expanduser()
     if path.exists():
@@ -150,18 +152,19 @@ def load_checkpoint(source: Source, *, device: str, dtype, quantize: str = "bf16
     than bf16 builds the quantized model once (telling `progress(text)`) and reuses it from `cache_folder`
     afterwards (`prefetched`: model.qcache.prefetch)."""
     try:
-        if quantize == "bf16":
-            tokenizer = load_tokenizer(source)
-            model = load_model(source, dtype)
-        else:
-            from model.qcache import load_quantized
+        with one_gguf_reader() if source.kind == "gguf" else nullcontext():
+            if quantize == "bf16":
+                tokenizer = load_tokenizer(source)
+                model = load_model(source, dtype)
+            else:
+                from model.qcache import load_quantized
 
-            if device != "cpu":
-                raise ModelError(f"--quantize {quantize} is for CPU decoding; on {device} use bf16.")
-            model, tokenizer = load_quantized(source, quantize, dtype=dtype, cache_folder=cache_folder,
-                                              build=lambda: load_model(source, dtype),
-                                              alongside=lambda: load_tokenizer(source), progress=progress,
-                                              prefetched=prefetched)
+                if device != "cpu":
+                    raise ModelError(f"--quantize {quantize} is for CPU decoding; on {device} use bf16.")
+                model, tokenizer = load_quantized(source, quantize, dtype=dtype, cache_folder=cache_folder,
+                                                  build=lambda: load_model(source, dtype),
+                                                  alongside=lambda: load_tokenizer(source), progress=progress,
+                                                  prefetched=prefetched)
     except ModelError:
         raise
     except Exception as e:  # transformers raises many types; the user needs to know which file failed
@@ -210,6 +213,29 @@ def load_model(source: Source, dtype):
     if source.kind == "gguf":
         apply_gguf_rope_freqs(model, source.path)
     return model
+
+
+@contextmanager
+def one_gguf_reader():
+    """transformers reads a .gguf three times on a first load (its config, its tokenizer, its weights), each
+    time with a new `gguf.GGUFReader`, which decodes every metadata field: the 1.2M strings of Llama 3.2's
+    vocabulary and merges took ~15 s a time. Within this block one reader per file serves all three (it
+    maps the file read-only; nothing changes it)."""
+    import gguf
+
+    original, readers = gguf.GGUFReader, {}
+
+    def shared(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
 
 
 @contextmanager

@@ -73,14 +73,25 @@ def test_hf_repo_id_resolves_from_the_local_cache(tiny_llama_dir, tmp_path, monk
 
 
 @pytest.mark.slow
-def test_gguf_file_loads_with_same_logits(tiny_llama_dir, llama_tokenizer_dir, tmp_path, llama_tokenizer):
+def test_gguf_file_loads_with_same_logits(tiny_llama_dir, llama_tokenizer_dir, tmp_path, llama_tokenizer,
+                                         monkeypatch):
+    import gguf
     from transformers import AutoModelForCausalLM
 
     from tests.helpers.gguf_export import export_gguf
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     path = export_gguf(model, llama_tokenizer_dir / "tokenizer.json", tmp_path / "tiny-llama-3.2.gguf")
+    parsed = []
+
+    class Counted(gguf.GGUFReader):
+        def __init__(self, *args, **kwargs):
+            parsed.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counted)
     r = Runner.load(str(path), device="cpu")
+    assert len(parsed) == 1  # config, tokenizer and weights from one parse of the file's metadata (three before)
     assert r.source.kind == "gguf" and r.dtype == torch.float32
     ids = llama_tokenizer("The quick brown fox jumps over the lazy dog " * 3)["input_ids"]
     text = "hello world <|eot_id|> สวัสดี"
