@@ -25,28 +25,39 @@ class Engine:
     def load(cls, config: Config, *, use_guard: bool, demo: bool = False, progress=None,
              interactive: bool = False) -> "Engine":
         """Load (or connect to) both models; a guard that cannot load stops everything (fail closed).
-        `interactive`: a chat that lasts, where compiling decode steps in the background pays off (model.compile
-        auto)."""
+        `interactive`: a chat that lasts (the app): a local chat model runs in a process of its own
+        (model.isolated), and compiling decode steps in the background pays off (model.compile auto)."""
         say = progress or (lambda msg: None)
         m = config.model
-        ahead = None
+        ahead = child = None
         if m.backend == "local":
-            from model.runner import prefetch_weights
+            try:
+                from model.isolated import AVAILABLE, RunnerProcess
 
-            try:  # the chat model's cached weights stream in while the guard loads
-                ahead = prefetch_weights(m.source, device=m.device, quantize=m.quantize)
+                if interactive and AVAILABLE:  # the model in a process of its own, loading while the guard does
+                    say(f"Loading {m.source}…")
+                    child = RunnerProcess.start(m.source, **local_args(config, interactive))
+                else:  # the chat model's cached weights stream in while the guard loads
+                    from model.runner import prefetch_weights
+
+                    ahead = prefetch_weights(m.source, device=m.device, quantize=m.quantize)
             except LlamaChatError:
-                pass  # Runner.load reports it, after the guard
+                pass  # loading it again below reports it, after the guard
         try:
             guard = None
             if use_guard:
                 where = f" at {config.guard.base_url}" if config.guard.backend == "openai" else ""
                 say(f"Loading Llama Guard ({config.guard.source}){where}…")
                 guard = load_guard(config, progress=say)
-            runner = load_chat(config, interactive=interactive, progress=say, prefetched=ahead)
+            if child is not None:
+                runner, child = child.wait_ready(say), None
+            else:
+                runner = load_chat(config, interactive=interactive, progress=say, prefetched=ahead)
         finally:
             if ahead is not None:
                 ahead.cancel()  # the guard failed, or the read is done
+            if child is not None:
+                child.close()  # the guard failed
         return cls(runner, guard, runner.name, demo)
 
 
@@ -61,9 +72,15 @@ def load_chat(config: Config, *, interactive: bool = False, progress=None, prefe
     from model.runner import Runner
 
     say(f"Loading {m.source}…")
-    # Quantized weights and compiled code go to the app's cache folder (model.host.app_cache_folder).
-    return Runner.load(m.source, device=m.device, dtype=m.dtype, context_window=m.context or None, quantize=m.quantize,
-                       compile=wants_compile(config, interactive), progress=say, prefetched=prefetched)
+    return Runner.load(m.source, progress=say, prefetched=prefetched, **local_args(config, interactive))
+
+
+def local_args(config: Config, interactive: bool) -> dict:
+    """`Runner.load`'s arguments from the config. Quantized weights and compiled code go to the app's cache
+    folder (model.host.app_cache_folder)."""
+    m = config.model
+    return dict(device=m.device, dtype=m.dtype, context_window=m.context or None, quantize=m.quantize,
+                compile=wants_compile(config, interactive))
 
 
 def wants_compile(config: Config, interactive: bool) -> bool:

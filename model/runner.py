@@ -26,7 +26,7 @@ def prefetch_weights(src, *, device: str = "auto", quantize: str = "bf16", cache
     or None (nothing cached, not a CPU mode). Needs no torch."""
     from model.qcache import prefetch
 
-    source = src if isinstance(src, Source) else resolve_source(src)
+    source = resolve_source(src)
     return prefetch(source, quantize, cache_folder) if quantize != "bf16" and device in ("auto", "cpu") else None
 
 
