@@ -88,12 +88,14 @@ def smollm2_gguf_file() -> Path:
 
 @pytest.fixture
 def smollm2_gguf(smollm2_gguf_file, tmp_path_factory, tmp_path) -> Path:
-    """SmolLM2-135M-Instruct's GGUF. Its int4 build (what a first start makes, ~20 s here) is made once for the
-    tests that use it: each one's isolated home links its quantized-weights folder to one kept for the run."""
-    shared = tmp_path_factory.getbasetemp() / "smollm2-quantized"
-    shared.mkdir(exist_ok=True)
-    (tmp_path / "home" / "cache").mkdir(parents=True, exist_ok=True)
-    (tmp_path / "home" / "cache" / "quantized").symlink_to(shared, target_is_directory=True)
+    """SmolLM2-135M-Instruct's GGUF. Its int4 build and its converted tokenizer (what a first start makes, ~20 s
+    and ~5 s here) are made once for the tests that use it: each one's isolated home links its quantized-weights
+    and tokenizers folders to ones kept for the run."""
+    for name in ("quantized", "tokenizers"):
+        shared = tmp_path_factory.getbasetemp() / f"smollm2-{name}"
+        shared.mkdir(exist_ok=True)
+        (tmp_path / "home" / "cache").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "home" / "cache" / name).symlink_to(shared, target_is_directory=True)
     return smollm2_gguf_file
 
 

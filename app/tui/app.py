@@ -420,6 +420,8 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
                 view.message_id = e.message_id
                 view.update_state(verdicts=view.verdicts + [e.verdict.to_dict()])
         elif isinstance(e, Released) and reply:
+            if not reply.query(".body"):
+                return  # the app is closing and took the views down first (the session stores the text)
             self.pace_frames()
             if self._stream is None:
                 from textual.widgets import Markdown
