@@ -2,10 +2,10 @@
 
 Why: in the app, decoding shared its process with the UI, and Python runs one thread at a time. A decode step
 gives the interpreter lock up at every PyTorch op and kernel call (tens of times per token) and then waited
-behind the UI's frames to take it back, so the demo model decoded in the app at ~0.7x its speed alone. In a
-process of its own the model waits for no one. Only token ids cross (a pipe, in order): the prompt is still
-built here, from the same tokenizer (the child sends it once loaded), so message text never becomes a
-control token, and detokenizing, stop ids, the length budget and the turn's stats stay in `ChatBackend.stream`.
+behind the UI's frames to take it back (README, `bench.tui --demo`). In a process of its own the model waits
+for no lock. Only token ids cross (a pipe, in order): the prompt is still built here, from the same
+tokenizer (the child sends it once loaded), so message text never becomes a control token, and
+detokenizing, stop ids, the length budget and the turn's stats stay in `ChatBackend.stream`.
 
 The child writes what it prints to `model-process.log` in the app's cache folder (it must not draw over the
 terminal UI); it ends when told, or when this process goes (its pipe closes).
@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -31,6 +32,7 @@ from model.loading import resolve_source
 from model.sampling import Sampling
 
 AVAILABLE = os.name == "posix"  # the child's pipe is passed as an inherited descriptor (pass_fds)
+LOG_LIMIT = 1 << 20
 CANCEL_POLL_S = 0.05  # how often a reply waiting for its first token (a long prompt) looks at its cancel event
 SHOWN = ("tokenizer", "eos_ids", "defaults", "context_window", "name", "device", "quantize", "quantize_note")
 PREFILL_STATS = ("cached_tokens", "prefill_tok_s")
@@ -45,9 +47,10 @@ def log_path():
 class RunnerProcess(ChatBackend):
     """Replies from a `Runner` loaded in a child process; `Runner.load`'s arguments, `progress` included."""
 
-    def __init__(self, conn, process):
+    def __init__(self, conn, process, source, load_args: dict):
         super().__init__()
         self._conn, self._process = conn, process
+        self._source, self._load_args = source, load_args  # to start it again after it died
         self._send_lock = threading.Lock()
         self._unfinished = False  # a reply was left before its end: its remaining tokens are read and dropped
 
@@ -66,13 +69,16 @@ class RunnerProcess(ChatBackend):
         # process's main script again), in a session of its own: the terminal's Ctrl+C and Ctrl+Z are the app's.
         package_root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-        with open(log, "w") as out, theirs:
+        # Appended to (started afresh past LOG_LIMIT): a child started after one died keeps its account.
+        with open(log, "a" if log.exists() and log.stat().st_size < LOG_LIMIT else "w") as out, theirs:
+            out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} loading {source.name}\n")
+            out.flush()
             process = subprocess.Popen([sys.executable, "-m", "model.isolated", str(theirs.fileno())],
                                        pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=out,
                                        stderr=subprocess.STDOUT, env=env, start_new_session=True)
         conn = Connection(ours.detach())
         conn.send((source, load_args))
-        return cls(conn, process)
+        return cls(conn, process, source, load_args)
 
     def wait_ready(self, progress=None) -> "RunnerProcess":
         """Relay the child's load messages to `progress` until the model is ready; raise what failed."""
@@ -90,14 +96,14 @@ class RunnerProcess(ChatBackend):
 
     # -- the pipe ------------------------------------------------------------------------------------
     def _failed(self) -> ModelError:
+        self._unfinished = False  # nothing more will come
         try:
             code = self._process.wait(1)
         except subprocess.TimeoutExpired:
             code = "unknown: it is still running"
         return ModelError(
-            f"The model's process stopped (exit code {code}), so this reply could not be "
-            f"written. What it printed is in {log_path()}. Load the model again (F2) or restart llama-chat.",
-            title="Model stopped")
+            f"The model's process stopped (exit code {code}); your next message starts it again. What it "
+            f"printed is in {log_path()}.", title="Model stopped")
 
     def _recv(self):
         try:
@@ -121,6 +127,8 @@ class RunnerProcess(ChatBackend):
     # -- ChatBackend ---------------------------------------------------------------------------------
     def _generate(self, ids: list[int], sampling: Sampling, stats: TurnStats,
                   cancel: threading.Event | None) -> Iterator[int]:
+        if self._process.poll() is not None:
+            self._start_again()
         self._settle()
         budget = min(sampling.max_new_tokens, self.context_window - len(ids))
         self._send(("generate", list(ids), sampling, budget))
@@ -146,6 +154,12 @@ class RunnerProcess(ChatBackend):
         finally:
             if self._unfinished:
                 self._send(("stop",))
+
+    def _start_again(self) -> None:
+        """A fresh child for one that died (its KV cache is gone: the next prompt is computed whole)."""
+        self._conn.close()
+        fresh = RunnerProcess.start(self._source, **self._load_args).wait_ready()
+        self._conn, self._process, self._unfinished = fresh._conn, fresh._process, False
 
     def reset(self) -> None:
         super().reset()

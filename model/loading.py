@@ -218,9 +218,9 @@ def load_model(source: Source, dtype):
 @contextmanager
 def one_gguf_reader():
     """transformers reads a .gguf three times on a first load (its config, its tokenizer, its weights), each
-    time with a new `gguf.GGUFReader`, which decodes every metadata field: the 1.2M strings of Llama 3.2's
-    vocabulary and merges took ~15 s a time. Within this block one reader per file serves all three (it
-    maps the file read-only; nothing changes it)."""
+    time with a new `gguf.GGUFReader`, which decodes every metadata field in Python (for Llama 3.2, the 1.2M
+    strings of its vocabulary and merges). Within this block one reader per file serves all three (it maps
+    the file read-only; nothing changes it)."""
     import gguf
 
     original, readers = gguf.GGUFReader, {}

@@ -54,12 +54,21 @@ def test_a_runner_in_its_own_process_answers_as_it_does_here(tiny_llama_dir):
         again, stats = reply(child, turn2)
         assert again == b2 and stats.cached_tokens == 0
 
-        # A child that dies mid-chat: the next reply fails with an error that says what happened and where
-        # its output went; closing it then is harmless.
+        # A child that dies mid-reply: that reply fails with an error that says what happened and where its
+        # output went; the next one starts a fresh child, whose answer is the same.
+        pieces = child.stream(TURN1, sampling=Sampling(temperature=0.0, max_new_tokens=1000))
+        next(pieces)
         os.kill(child._process.pid, signal.SIGKILL)
         with pytest.raises(ModelError, match=r"process stopped \(exit code -9\)") as e:
-            reply(child, TURN1)
-        assert str(log_path()) in e.value.message
+            for _ in pieces:
+                pass
+        assert str(log_path()) in e.value.message and "next message starts it again" in e.value.message
+        assert reply(child, turn2)[0] == b2 and child.last_stats.cached_tokens == 0
+        # One that died between replies is started again without an error.
+        os.kill(child._process.pid, signal.SIGKILL)
+        child._process.wait()
+        assert reply(child, turn2)[0] == b2
+        assert log_path().read_text().count("--- ") == 3  # each child's account is kept
     finally:
         child.close()
     assert child._process.poll() is not None
