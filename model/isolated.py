@@ -158,7 +158,7 @@ class RunnerProcess(ChatBackend):
     def _start_again(self) -> None:
         """A fresh child for one that died (its KV cache is gone: the next prompt is computed whole)."""
         self._conn.close()
-        fresh = RunnerProcess.start(self._source, **self._load_args).wait_ready()
+        fresh = RunnerProcess.load(self._source, **self._load_args)
         self._conn, self._process, self._unfinished = fresh._conn, fresh._process, False
 
     def reset(self) -> None:
