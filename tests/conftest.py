@@ -91,11 +91,12 @@ def smollm2_gguf(smollm2_gguf_file, tmp_path_factory, tmp_path) -> Path:
     """SmolLM2-135M-Instruct's GGUF. Its int4 build and its converted tokenizer (what a first start makes, ~20 s
     and ~5 s here) are made once for the tests that use it: each one's isolated home links its quantized-weights
     and tokenizers folders to ones kept for the run."""
+    cache = tmp_path / "home" / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
     for name in ("quantized", "tokenizers"):
         shared = tmp_path_factory.getbasetemp() / f"smollm2-{name}"
         shared.mkdir(exist_ok=True)
-        (tmp_path / "home" / "cache").mkdir(parents=True, exist_ok=True)
-        (tmp_path / "home" / "cache" / name).symlink_to(shared, target_is_directory=True)
+        (cache / name).symlink_to(shared, target_is_directory=True)
     return smollm2_gguf_file
 
 
