@@ -54,6 +54,11 @@ class RunnerProcess(ChatBackend):
         self._send_lock = threading.Lock()
         self._unfinished = False  # a reply was left before its end: its remaining tokens are read and dropped
 
+    @property
+    def pid(self) -> int:
+        """The model process's id (bench.memory reads its memory)."""
+        return self._process.pid
+
     @classmethod
     def load(cls, src, *, progress=None, **load_args) -> "RunnerProcess":
         return cls.start(src, **load_args).wait_ready(progress)

@@ -99,8 +99,24 @@ class QLinear(nn.Module):
             raise ValueError("only layers alike in input, bits, group and output, with whole tiles of rows, concatenate")
         out = cls(first.in_features, sum(p.out_features for p in parts), first.bits, first.group, device="meta",
                   float_out=first.float_out)
-        out.packed = torch.cat([p.packed for p in parts])
+        out.packed = _back_to_back([p.packed for p in parts])
         return out
+
+
+def _back_to_back(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors stacked along their first dimension: a view where they already lie one after the other
+    in one buffer (layers read from the quantized cache, whose gate and up projections are stored so), else
+    a copy. The view keeps the buffer's bytes counted once (a copy of an int8 guard's gate and up layers
+    held a third of its weights twice)."""
+    first = tensors[0]
+    storage, offset, rows = first.untyped_storage(), first.storage_offset(), 0
+    for t in tensors:
+        if not (t.is_contiguous() and t.shape[1:] == first.shape[1:]
+                and t.untyped_storage().data_ptr() == storage.data_ptr()
+                and t.storage_offset() == offset + rows * first.stride(0)):
+            return torch.cat(tensors)
+        rows += len(t)
+    return first.new_empty(0).set_(storage, offset, (rows, *first.shape[1:]))
 
 
 def _quantize_rows(w, bits: int):

@@ -217,3 +217,27 @@ def test_pytorch_kernels_on_request_and_why():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
                          check=False)
     assert out.stdout.strip() == "torch LLAMA_CHAT_KERNEL=torch asks for PyTorch's kernels", out.stderr
+
+
+def test_a_fused_layer_of_a_cached_model_is_a_view_of_its_weights(tiny_llama_dir, tmp_path):
+    """The guard fuses each MLP's gate and up projections (guard.fastpath): read from the cache, the two
+    lie back to back, so the fused layer adds no memory; elsewhere it is a copy. Both compute the same."""
+    from model.loading import load_model
+
+    if why := available():
+        pytest.skip(why)
+    src = resolve_source(tiny_llama_dir)
+    model, _ = qcache.load_quantized(src, "int8", dtype=torch.float32, cache_folder=tmp_path,
+                                     build=lambda: load_model(src, torch.float32))
+    mlp = model.model.layers[0].mlp
+    gate, up = mlp.gate_proj, mlp.up_proj
+    x = torch.randn(3, gate.in_features)
+    fused, swapped = QLinear.concat([gate, up]), QLinear.concat([up, gate])
+    assert fused.packed.untyped_storage().data_ptr() == gate.packed.untyped_storage().data_ptr()
+    assert fused.packed.data_ptr() == gate.packed.data_ptr()
+    assert fused.packed.shape == (2 * len(gate.packed), gate.packed.shape[1])
+    assert swapped.packed.untyped_storage().data_ptr() != gate.packed.untyped_storage().data_ptr()  # not in order: copied
+    with torch.inference_mode():
+        assert torch.equal(fused(x), torch.cat([gate(x), up(x)], dim=-1))
+        assert torch.equal(swapped(x), torch.cat([up(x), gate(x)], dim=-1))
+
