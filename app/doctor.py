@@ -99,7 +99,7 @@ def _quant_kernel() -> str:
 
 
 def _guard_precision(config, device: str) -> str:
-    from guard.classifier import GuardSettings
+    from app.engine import guard_settings
     from guard.precision import pick_precision, probe_outcome
     from model.device import pick_dtype
     from model.errors import ModelError
@@ -111,7 +111,7 @@ def _guard_precision(config, device: str) -> str:
     g = config.guard
     try:
         outcome = probe_outcome(resolve_source(g.source), pick_dtype(config.model.dtype, device),
-                                GuardSettings(threshold=g.threshold, excluded=tuple(g.excluded)))
+                                guard_settings(config))
     except (ModelError, ValueError):
         outcome = None
     if outcome is None:

@@ -90,12 +90,18 @@ def wants_compile(config: Config, interactive: bool) -> bool:
     return mode == "on" or (mode == "auto" and interactive and pick_device(config.model.device) == "cpu")
 
 
-def load_guard(config: Config, progress=None) -> Moderator:
+def guard_settings(config: Config):
+    """The guard's GuardSettings from the config (the probe check's record is keyed by them too)."""
     from guard.moderator import GuardSettings
 
     g = config.guard
+    return GuardSettings(threshold=g.threshold, excluded=tuple(g.excluded), token_budget=g.token_budget)
+
+
+def load_guard(config: Config, progress=None) -> Moderator:
+    g = config.guard
     try:
-        settings = GuardSettings(threshold=g.threshold, excluded=tuple(g.excluded), token_budget=g.token_budget)
+        settings = guard_settings(config)
         if g.backend == "openai":
             from guard.remote import RemoteGuard
 

@@ -49,6 +49,20 @@ def random_llama(shape: dict, *, dtype, tied: bool = True, seed: int = 0):
     return model.to(dtype).eval()
 
 
+def write_random_checkpoint(folder: Path, shape: dict, *, dtype, tied: bool = True, seed: int = 0) -> Path:
+    """A checkpoint folder of `random_llama` as one is downloaded: its weights, Llama 3.2's stop ids and the
+    tokenizer's files as they come (save_pretrained drops added_tokens_decoder: a slower load)."""
+    import shutil
+
+    model = random_llama(shape, dtype=dtype, tied=tied, seed=seed)
+    model.generation_config.eos_token_id = [128001, 128008, 128009]
+    model.save_pretrained(folder)
+    del model
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(llama_tokenizer_dir() / name, folder / name)
+    return folder
+
+
 def answer_like_a_chat_model(model, tokenizer) -> int:
     """Make a random-weight model pick its tokens the way an Instruct model's replies look: never a
     reserved special token, never one that starts or ends with whitespace (a reply that begins or ends

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import LLAMA_1B, QUICK, emit, env_note, llama_tokenizer_dir
+from bench.common import LLAMA_1B, QUICK, emit, env_note, write_random_checkpoint
 
 PROMPT = ("The river bends twice before it reaches the town, and fishermen leave at dawn. " * 60
           + "Tell me a long story about the sea.")
@@ -54,27 +54,6 @@ def largest_files(pid, at_least_mb: int = 16) -> dict:
     return {k: round(v) for k, v in sorted(sizes.items(), key=lambda kv: -kv[1]) if v >= at_least_mb}
 
 
-def write_checkpoints(folder: Path, shape: dict) -> tuple[Path, Path]:
-    """A chat and a guard checkpoint folder (bf16 safetensors and the Llama 3.2 tokenizer), as downloaded."""
-    import shutil
-
-    import torch
-
-    from bench.common import random_llama
-
-    paths = []
-    for name, tied, seed in (("chat", True, 0), ("guard", False, 1)):
-        path = folder / name
-        model = random_llama(shape, dtype=torch.bfloat16, tied=tied, seed=seed)
-        model.save_pretrained(path)
-        del model
-        for f in llama_tokenizer_dir().iterdir():
-            if f.is_file() and f.name.startswith(("tokenizer", "special_tokens")):
-                shutil.copy(f, path / f.name)
-        paths.append(path)
-    return paths[0], paths[1]
-
-
 def measure(chat: str, guard_source: str, reply_tokens: int) -> dict:
     """One start of the app's engine and one turn; this process's and the model process's memory."""
     import app.tui.app  # noqa: F401  (the app's process holds the TUI's modules too)
@@ -83,8 +62,8 @@ def measure(chat: str, guard_source: str, reply_tokens: int) -> dict:
     from app.engine import Engine
     from app.history import History
     from app.session import ChatSession, Done
+    from app.engine import guard_settings
     from bench.guard import steer_to_safe
-    from guard.moderator import GuardSettings
     from guard.precision import _record_path, _write
     from model.device import pick_device, pick_dtype
     from model.loading import resolve_source
@@ -104,10 +83,8 @@ def measure(chat: str, guard_source: str, reply_tokens: int) -> dict:
     # Nor can random weights be judged by the probe check (their P(unsafe) is noise, which int8 moves by
     # more than the check allows): record it as passed, so the guard runs in the precision `auto` gives a
     # real guard that passes. tests/integration/test_guard_precision.py covers the check itself.
-    g = config.guard
-    settings = GuardSettings(threshold=g.threshold, excluded=tuple(g.excluded), token_budget=g.token_budget)
     dtype = pick_dtype(config.model.dtype, pick_device(config.model.device))
-    _write(_record_path(resolve_source(guard_source), dtype, settings), {"passed": True, "reason": ""})
+    _write(_record_path(resolve_source(guard_source), dtype, guard_settings(config)), {"passed": True, "reason": ""})
     config.generation.temperature, config.generation.max_new_tokens = 0.0, reply_tokens
     t0 = time.perf_counter()
     engine = Engine.load(config, use_guard=True, interactive=True)
@@ -133,9 +110,12 @@ def main(argv=None) -> int:
     if args.measure:
         print(json.dumps(measure(*args.measure, args.reply_tokens)))
         return 0
+    import torch
+
     shape = QUICK if args.quick else LLAMA_1B
     with tempfile.TemporaryDirectory(prefix="llama-chat-memory-") as tmp:
-        chat, guard_source = write_checkpoints(Path(tmp), shape)
+        chat, guard_source = (write_random_checkpoint(Path(tmp) / name, shape, dtype=torch.bfloat16, tied=tied, seed=seed)
+                              for name, tied, seed in (("chat", True, 0), ("guard", False, 1)))
         env = {**os.environ, "LLAMA_CHAT_HOME": str(Path(tmp) / "home")}  # caches of their own
         starts = {}
         for start in ("first", "warm"):

@@ -21,8 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import (LLAMA_1B, QUICK, emit, env_note, llama_tokenizer_dir, memory_read_gb_s, random_llama,
-                          threads)
+from bench.common import LLAMA_1B, QUICK, emit, env_note, memory_read_gb_s, threads, write_random_checkpoint
 
 LONG_PROMPT = ("Summarise the following notes in one paragraph. " + "The river bends twice before it reaches the "
                "town, and fishermen leave at dawn when the water is still. " * 48)
@@ -115,12 +114,7 @@ def main(args) -> int:
     work = Path(tempfile.mkdtemp(prefix="llama-chat-bench-"))
     try:
         folder, home = work / "model", work / "home"
-        model = random_llama(shape, dtype=dtype)
-        model.generation_config.eos_token_id = [128001, 128008, 128009]
-        model.save_pretrained(folder)
-        del model
-        for name in ("tokenizer.json", "tokenizer_config.json"):  # the files as downloaded (save_pretrained
-            shutil.copy(llama_tokenizer_dir() / name, folder / name)  # drops added_tokens_decoder: slower load)
+        write_random_checkpoint(folder, shape, dtype=dtype)
 
         cold = _run_model(folder, home, args.quantize, "Hi", 1)
         emit({"phase": "cold", "first_token_s": round(cold["first_token_s"], 2)})

@@ -240,4 +240,3 @@ def test_a_fused_layer_of_a_cached_model_is_a_view_of_its_weights(tiny_llama_dir
     with torch.inference_mode():
         assert torch.equal(fused(x), torch.cat([gate(x), up(x)], dim=-1))
         assert torch.equal(swapped(x), torch.cat([up(x), gate(x)], dim=-1))
-
