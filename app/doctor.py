@@ -93,7 +93,7 @@ def _quant_kernel() -> str:
 
     why = available()
     if why is None:  # model.step.NativeStep
-        return (f"native {variant()} kernel (model/kernels; LLAMA_CHAT_KERNEL forces avx512, avx2, neon or torch); "
+        return (f"native {variant()} kernel (model/kernels; LLAMA_CHAT_KERNEL forces avx512, avxvnni, avx2, neon or torch); "
                 "decode steps run natively, not compiled")
     return f"PyTorch's kernels ({why})"
 

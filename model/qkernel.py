@@ -8,11 +8,12 @@ variant per instruction set (model/kernels/arch_<variant>.h), all with the same 
 weights:
 
 - avx512: AVX512-VNNI (AMD Zen 4 and later, Intel Xeon since Cascade Lake, Ice/Tiger Lake laptops);
-- avx2: AVX2 + FMA (Intel since Haswell, including the 12th generation and later without AVX-512; AMD
-  Zen 1-3);
+- avxvnni: AVX2 + FMA + AVX-VNNI (Intel's 12th generation and later without AVX-512, AMD Zen 5 has it too):
+  the avx2 variant with the 256-bit vpdpbusd;
+- avx2: AVX2 + FMA (Intel since Haswell; AMD Zen 1-3);
 - neon: aarch64 with the dot-product extension (Apple M1 and later, Graviton 2 and later, Snapdragon X).
 
-The fastest variant the CPU has is used; `LLAMA_CHAT_KERNEL=avx2` (or avx512, neon) forces one, and
+The fastest variant the CPU has is used; `LLAMA_CHAT_KERNEL=avx2` (or avx512, avxvnni, neon) forces one, and
 `LLAMA_CHAT_KERNEL=torch` asks for PyTorch's kernels. The sources are compiled once per variant, source
 version and compiler version into the app's cache folder with the system's C++ compiler (a few seconds)
 and called through ctypes: no torch headers, no build step at install. The library reports its ABI
@@ -42,6 +43,8 @@ BASE_FLAGS = ("-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC")
 VARIANTS = {
     "avx512": ("x86_64", ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"),
                ("-DLC_AVX512", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mfma")),
+    "avxvnni": ("x86_64", ("avx2", "fma", "avx_vnni"),
+                ("-DLC_AVX2", "-DLC_AVXVNNI", "-mavx2", "-mfma", "-mavxvnni", "-ffp-contract=fast")),
     "avx2": ("x86_64", ("avx2", "fma"), ("-DLC_AVX2", "-mavx2", "-mfma", "-ffp-contract=fast")),
     "neon": ("aarch64", ("asimddp",), ("-DLC_NEON", "-march=armv8.2-a+dotprod", "-ffp-contract=fast")),
 }
@@ -78,6 +81,12 @@ def _cpu_flags() -> set[str]:
 def pick_variant(requested: str | None = None, machine: str | None = None, flags: set[str] | None = None) -> str:
     """The variant to build: `requested` (LLAMA_CHAT_KERNEL by default) when the CPU has it, else the fastest
     one it has. Raises `Unavailable` saying why none fits."""
+    return pick_variants(requested, machine, flags)[0]
+
+
+def pick_variants(requested: str | None = None, machine: str | None = None, flags: set[str] | None = None) -> list[str]:
+    """`requested` alone when the CPU has it, else every variant the CPU has, fastest first (a compiler too
+    old for one, e.g. GCC 10 for AVX-VNNI, gets the next). Raises `Unavailable` saying why none fits."""
     requested = (os.environ.get("LLAMA_CHAT_KERNEL", "") if requested is None else requested).lower()
     machine = machine or _machine()
     flags = _cpu_flags() if flags is None else flags
@@ -85,16 +94,19 @@ def pick_variant(requested: str | None = None, machine: str | None = None, flags
         raise Unavailable("LLAMA_CHAT_KERNEL=torch asks for PyTorch's kernels")
     if requested and requested not in VARIANTS:
         raise Unavailable(f"LLAMA_CHAT_KERNEL={requested} is not a kernel: use {', '.join(VARIANTS)} or torch")
+    found = []
     for name in [requested] if requested else VARIANTS:
         arch, needs, _ = VARIANTS[name]
         missing = [f for f in needs if f not in flags]
         if arch == machine and not missing:
-            return name
-        if requested:
+            found.append(name)
+        elif requested:
             why = f"this is a {machine} CPU" if arch != machine else f"this CPU lacks {', '.join(missing)}"
             raise Unavailable(f"LLAMA_CHAT_KERNEL={name} asks for the {name} kernel, but {why}")
-    raise Unavailable(f"this CPU has none of the kernels' instruction sets ({machine}: needs AVX2 + FMA, "
-                      "AVX512-VNNI or NEON with the dot-product extension)")
+    if not found:
+        raise Unavailable(f"this CPU has none of the kernels' instruction sets ({machine}: needs AVX2 + FMA, "
+                          "AVX512-VNNI or NEON with the dot-product extension)")
+    return found
 
 
 def build(variant: str, cxx: str, out_dir: Path) -> Path:
@@ -131,7 +143,7 @@ def load():
 
 
 def variant() -> str | None:
-    """The variant that runs here (avx512, avx2, neon), or None (see `available`)."""
+    """The variant that runs here (avx512, avxvnni, avx2, neon), or None (see `available`)."""
     try:
         return load().lc_variant().decode()
     except Unavailable:
@@ -148,15 +160,19 @@ def _entry_point(requested: str):
 
 
 def _build_and_load(requested: str):
-    name = pick_variant(requested)
-    from model.host import find_cxx
+    from model.host import app_cache_folder, find_cxx
 
+    names = pick_variants(requested)
     cxx = find_cxx()
     if cxx is None:
         raise Unavailable("no C++ compiler found (install g++ or clang++)")
-    from model.host import app_cache_folder
-
-    lib = build(name, cxx, app_cache_folder() / "kernels")
+    for i, name in enumerate(names):
+        try:
+            lib = build(name, cxx, app_cache_folder() / "kernels")
+            break
+        except Unavailable:
+            if i == len(names) - 1:
+                raise
     try:
         found = ctypes.CDLL(str(lib))
         fn, step, abi, var = found.lc_qlinear, found.lc_decode, found.lc_abi, found.lc_variant

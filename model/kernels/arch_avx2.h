@@ -5,6 +5,8 @@
 // 16-bit sums saturate, so: 4 bit (codes 0..15) sums a whole block in 16 bits (at most 8 x 2 x 15 x 127 =
 // 30480), 8 bit takes the codes as signed (code - 128) with the sign moved onto x, as llama.cpp does for
 // Q8_0 (a pair is at most 2 x 128 x 127 = 32512), and corrects the offset for the 128 it took away.
+// With LC_AVXVNNI too (the avxvnni variant: Intel since the 12th generation, AMD Zen 5), the 256-bit
+// vpdpbusd does all of that in one instruction, exactly, in 32 bits: the codes stay unsigned in both widths.
 #pragma once
 
 #include <immintrin.h>
@@ -74,6 +76,26 @@ inline __m256i x4(const Act& a, int64_t k) {
 // activation rows at once (the weights are loaded and unpacked once for all of them).
 template <int BITS, int NR, bool WIDE>
 inline void half_block_dot(const uint8_t* block, int h, const Act* acts, int64_t b, __m256i sums[NR]) {
+  for (int r = 0; r < NR; ++r) sums[r] = _mm256_setzero_si256();
+#ifdef LC_AVXVNNI
+  for (int t = 0; t < (BITS == 4 ? 4 : 8); ++t) {  // 4 bit: as below; 8 bit: vector t holds inputs 4t..
+    const __m256i v = _mm256_loadu_si256((const __m256i*)(block + 64 * t + 32 * h));
+    if constexpr (BITS == 4) {
+      const __m256i low = _mm256_set1_epi8(0x0f);
+      const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+      for (int r = 0; r < NR; ++r) {
+        sums[r] = _mm256_dpbusd_avx_epi32(sums[r], lo, x4<WIDE>(acts[r], 32 * b + 4 * t));
+        sums[r] = _mm256_dpbusd_avx_epi32(sums[r], hi, x4<WIDE>(acts[r], 32 * b + 16 + 4 * t));
+        in_register(sums[r]);
+      }
+    } else {
+      for (int r = 0; r < NR; ++r) {
+        sums[r] = _mm256_dpbusd_avx_epi32(sums[r], v, x4<WIDE>(acts[r], 32 * b + 4 * t));
+        in_register(sums[r]);
+      }
+    }
+  }
+#else
   const __m256i ones = _mm256_set1_epi16(1);
   if constexpr (BITS == 4) {
     const __m256i low = _mm256_set1_epi8(0x0f);
@@ -91,7 +113,6 @@ inline void half_block_dot(const uint8_t* block, int h, const Act* acts, int64_t
     for (int r = 0; r < NR; ++r) sums[r] = _mm256_madd_epi16(p[r], ones);
   } else {
     const __m256i flip = _mm256_set1_epi8((char)0x80);
-    for (int r = 0; r < NR; ++r) sums[r] = _mm256_setzero_si256();
     for (int j = 0; j < 8; ++j) {
       const __m256i w = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(block + 64 * j + 32 * h)), flip);
       const __m256i aw = _mm256_abs_epi8(w);
@@ -102,6 +123,7 @@ inline void half_block_dot(const uint8_t* block, int h, const Act* acts, int64_t
       }
     }
   }
+#endif
 }
 
 // Rows [8 h0, 8 (h0 + HALVES)) of one tile of 16 weight rows against NR activation rows: out[r][i] = y of
@@ -132,7 +154,9 @@ inline void tile_pass(const uint8_t* tile, int64_t K, int64_t G, const Act* acts
       const __m256i words = _mm256_loadu_si256((const __m256i*)(group + bpg * block_bytes(BITS) + 32 * (h0 + h)));
       const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(words, 16));
       __m256 m = _mm256_castsi256_ps(_mm256_and_si256(words, _mm256_set1_epi32((int)0xffff0000u)));
+#ifndef LC_AVXVNNI
       if (BITS == 8) m = _mm256_fmadd_ps(s, _mm256_set1_ps(128.0f), m);  // the codes were taken as code - 128
+#endif
       for (int r = 0; r < NR; ++r)
         acc[h][r] = _mm256_fmadd_ps(m, _mm256_set1_ps(acts[r].gsum[g]), _mm256_fmadd_ps(part[h][r], s, acc[h][r]));
     }

@@ -24,7 +24,11 @@
 #define LC_VARIANT "avx512"
 #elif defined(LC_AVX2)
 #include "arch_avx2.h"
+#ifdef LC_AVXVNNI
+#define LC_VARIANT "avxvnni"
+#else
 #define LC_VARIANT "avx2"
+#endif
 #elif defined(LC_NEON)
 #include "arch_neon.h"
 #define LC_VARIANT "neon"

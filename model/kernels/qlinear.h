@@ -1,6 +1,7 @@
 // Shared by qlinear.cpp (the quantized matmul) and decode.cpp (a decode step built on it): bf16 helpers,
 // the weight matrix descriptor, the tile layout's sizes and the matmul entry. Built together by
-// model/qkernel.py, once per variant: LC_AVX512 (AVX512-VNNI), LC_AVX2 (AVX2 + FMA) or LC_NEON (aarch64
+// model/qkernel.py, once per variant: LC_AVX512 (AVX512-VNNI), LC_AVX2 (AVX2 + FMA; with LC_AVXVNNI too, the
+// avxvnni variant: AVX-VNNI) or LC_NEON (aarch64
 // with the dot-product extension); the variant's instructions live in arch_<variant>.h.
 #pragma once
 

@@ -10,12 +10,15 @@ from model.qkernel import Unavailable, pick_variant
 
 ZEN4 = {"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"}
 ZEN3 = {"avx2", "fma", "f16c"}
+ALDER_LAKE = {"avx2", "fma", "f16c", "avx_vnni"}  # Intel's 12th generation: AVX-VNNI without AVX-512
 GRAVITON = {"fp", "asimd", "asimddp", "i8mm"}
 
 
 def test_the_fastest_variant_the_cpu_has():
     assert pick_variant("", "x86_64", ZEN4) == "avx512"
     assert pick_variant("", "x86_64", ZEN3) == "avx2"
+    assert pick_variant("", "x86_64", ALDER_LAKE) == "avxvnni"
+    assert pick_variant("", "x86_64", ZEN4 | {"avx_vnni"}) == "avx512"  # Zen 5 has both
     assert pick_variant("", "aarch64", GRAVITON) == "neon"
     with pytest.raises(Unavailable, match="needs AVX2 \\+ FMA, AVX512-VNNI or NEON"):
         pick_variant("", "x86_64", {"sse4_2", "avx"})
@@ -26,13 +29,16 @@ def test_the_fastest_variant_the_cpu_has():
 def test_the_override_forces_a_variant_the_cpu_has():
     assert pick_variant("avx2", "x86_64", ZEN4) == "avx2"  # every AVX-512 machine tests both x86 variants
     assert pick_variant("AVX512", "x86_64", ZEN4) == "avx512"
+    assert pick_variant("avx2", "x86_64", ALDER_LAKE) == "avx2"
+    with pytest.raises(Unavailable, match="LLAMA_CHAT_KERNEL=avxvnni asks for the avxvnni kernel, but this CPU lacks avx_vnni"):
+        pick_variant("avxvnni", "x86_64", ZEN3)
     with pytest.raises(Unavailable, match="LLAMA_CHAT_KERNEL=avx512 asks for the avx512 kernel, but this CPU lacks avx512f"):
         pick_variant("avx512", "x86_64", ZEN3)
     with pytest.raises(Unavailable, match="but this is a x86_64 CPU"):
         pick_variant("neon", "x86_64", ZEN4)
     with pytest.raises(Unavailable, match="asks for PyTorch's kernels"):
         pick_variant("torch", "x86_64", ZEN4)
-    with pytest.raises(Unavailable, match="LLAMA_CHAT_KERNEL=sse is not a kernel: use avx512, avx2, neon or torch"):
+    with pytest.raises(Unavailable, match="LLAMA_CHAT_KERNEL=sse is not a kernel: use avx512, avxvnni, avx2, neon or torch"):
         pick_variant("sse", "x86_64", ZEN4)
 
 
@@ -47,5 +53,26 @@ def test_a_library_of_another_abi_is_refused_and_deleted(kernel_variant, monkeyp
         why = qkernel.available()
         assert f"is ABI {built_for} {kernel_variant}, not ABI {built_for + 1} {kernel_variant}" in why
         assert not list((app_cache_folder() / "kernels").glob("*.so"))  # built again next time
+    finally:
+        qkernel._entry_point.cache_clear()
+
+
+def test_a_variant_the_compiler_cannot_build_gives_way_to_the_next(monkeypatch, tmp_path):
+    from tests.conftest import native_variants
+
+    runs = native_variants()
+    if not runs:
+        pytest.skip("no native kernel variant runs on this CPU")
+    arch = qkernel.VARIANTS[runs[0]][0]
+    # a faster variant this CPU has (no flags needed) whose compiler flag the compiler does not know
+    broken = {"future": (arch, (), ("-DLC_AVX2", "-mno-such-instruction-set")), **qkernel.VARIANTS}
+    monkeypatch.setattr(qkernel, "VARIANTS", broken)
+    monkeypatch.setenv("LLAMA_CHAT_HOME", str(tmp_path))
+    monkeypatch.delenv("LLAMA_CHAT_KERNEL", raising=False)
+    qkernel._entry_point.cache_clear()
+    try:
+        assert qkernel.variant() == runs[0]
+        monkeypatch.setenv("LLAMA_CHAT_KERNEL", "future")  # asked for by name: no other one instead
+        assert "compiling model/kernels (future) failed" in qkernel.available()
     finally:
         qkernel._entry_point.cache_clear()
