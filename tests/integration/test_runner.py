@@ -314,7 +314,9 @@ def test_the_demo_model_no_longer_loops_with_its_sampling(smollm2_gguf):
         return runner.last_reply_ids, runner.last_stats
 
     looping, _stats = reply(temperature=0.0)
-    assert distinct_8grams(looping) < 0.6  # the loop, as it was
+    # the loop, as it was; how soon it sets in depends on the kernel's rounding (distinct share below 0.6 with
+    # fp32 activations on AVX2, 0.74 with bf16 on AVX512-VNNI)
+    assert distinct_8grams(looping) < 0.8
     for kw in ({"temperature": 0.0, "repetition_penalty": DEMO_SAMPLING["repetition_penalty"]},
                {**DEMO_SAMPLING, "seed": 1}):
         ids, stats = reply(**kw)
