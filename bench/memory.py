@@ -127,6 +127,8 @@ def main(argv=None) -> int:
                 raise SystemExit(f"the {start} start failed (exit {out.returncode})")
             starts[start] = json.loads(out.stdout.strip().splitlines()[-1])
             emit({"phase": f"{start} start", **starts[start]})
+            if starts[start]["status"] != "complete":  # a blocked turn holds less than a real one
+                raise SystemExit(f"the {start} start's turn ended {starts[start]['status']}, not complete")
     warm = starts["warm"]
     emit({"summary": "both models loaded, default configuration", "shape": "quick" if args.quick else "1B",
           "total_peak_rss_mb": warm["app"]["peak_rss_mb"] + warm["model_process"]["peak_rss_mb"],

@@ -77,7 +77,8 @@ class PrefixCache:
                     hidden = self.model.get_decoder()(input_ids=x, cache=self.cache, use_cache=True).last_hidden_state
                     head = self.model.get_output_embeddings()
                     weight = head.dequantized(rows) if hasattr(head, "dequantized") else head.weight[list(rows)]
-                    logits = torch.nn.functional.linear(hidden[0, -1], weight)
+                    # in fp32: a quantized layer's rows come back fp32 whatever the activations' dtype
+                    logits = torch.nn.functional.linear(hidden[0, -1].float(), weight.float())
                 elif len(chunk) == 1 and (self.step or self.eager_step):
                     logits = (self.step or self.eager_step)(x, self.cache)
                 else:

@@ -38,9 +38,10 @@ def test_the_probe_set_covers_what_it_promises():
         assert {p["expect"] == "safe" for p in found if p["lang"] == lang} == {True, False}
 
 
-def test_int8_guard_agrees_with_full_precision_and_is_used(tiny_guard_dir, kernel_variant):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16 activations: the default on CPUs with native bf16
+def test_int8_guard_agrees_with_full_precision_and_is_used(tiny_guard_dir, kernel_variant, dtype):
     said = []
-    guard = Guard.load(str(tiny_guard_dir), device="cpu", dtype="float32", precision="int8", progress=said.append)
+    guard = Guard.load(str(tiny_guard_dir), device="cpu", dtype=dtype, precision="int8", progress=said.append)
     assert guard.precision == "int8" and guard.precision_note == ""
     assert any("probe conversations" in s for s in said)  # the first load checked it
     assert isinstance(guard.model.model.layers[0].self_attn.q_proj, QLinear)
@@ -49,7 +50,7 @@ def test_int8_guard_agrees_with_full_precision_and_is_used(tiny_guard_dir, kerne
     assert safe.safe and safe.precision == "int8"
     assert not unsafe.safe and unsafe.categories == ("S1",) and unsafe.precision == "int8"
     again = []
-    second = Guard.load(str(tiny_guard_dir), device="cpu", dtype="float32", precision="auto", progress=again.append)
+    second = Guard.load(str(tiny_guard_dir), device="cpu", dtype=dtype, precision="auto", progress=again.append)
     assert second.precision == "int8" and not any("probe" in s for s in again)  # the outcome was kept
 
 
