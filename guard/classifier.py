@@ -2,10 +2,13 @@
 
 The prompt head (policy and task line, one per judged role) stays in a per-role KV cache, so a check
 computes only the conversation, the fixed tail and the `\\n\\n` token the model writes first, and
-only the two output rows that matter ('safe', 'unsafe'). Because that fast path cannot see a model
-that answers something else entirely, loading runs a self-test on the full vocabulary and refuses a
-model that does not answer like Llama Guard. Any error while screening returns a blocking verdict:
-the guard fails closed (guard.moderator).
+only the two output rows that matter ('safe', 'unsafe'); an unsafe verdict's category line is decoded
+over the rows a category line can hold. Because that fast path cannot see a model that answers
+something else entirely, loading runs a self-test on the full vocabulary and refuses a model that does
+not answer like Llama Guard (an int8 guard read from its cache skips it: the start that built it ran it
+on the same weights, guard.precision). So the output layer is read in full only by the self-test, and an
+int8 guard keeps it memory-mapped (model.qcache): its 0.26 GB (1B shape) stay on disk. Any error while
+screening returns a blocking verdict: the guard fails closed (guard.moderator).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ __all__ = ["DEFAULT_GUARD", "CheckCancelled", "Guard", "GuardError", "GuardSetti
 class Guard(Moderator):
     """A loaded Llama Guard model and the KV of its prompt heads."""
 
-    def __init__(self, model, tokenizer, *, name: str, settings: GuardSettings | None = None):
+    def __init__(self, model, tokenizer, *, name: str, settings: GuardSettings | None = None, self_test: bool = True):
         super().__init__(tokenizer, name=name, settings=settings)
         from guard.fastpath import optimise_for_checks
         from guard.precision import full_precision_name
@@ -35,7 +38,8 @@ class Guard(Moderator):
         use_grouped_attention(model)
         self.precision = "int8" if any(isinstance(m, QLinear) for m in model.modules()) else full_precision_name(model.dtype)
         self._kv = {r: PrefixCache(model) for r in ("User", "Agent")}
-        self.warm()
+        self._category_rows = category_rows(tokenizer, self.settings.policy, self._eot)
+        self.warm(self_test)
 
     @classmethod
     def load(cls, src: str = DEFAULT_GUARD, *, device: str = "auto", dtype: str = "auto",
@@ -63,14 +67,16 @@ class Guard(Moderator):
         guard.precision_note = note
         return guard
 
-    def warm(self) -> None:
-        """Compute both prompt heads once (every later check reuses their KV), then check on the full
-        vocabulary that the model's verdict token is 'safe' or 'unsafe', as Llama Guard's is."""
+    def warm(self, self_test: bool = True) -> None:
+        """Compute both prompt heads once (every later check reuses their KV), then (`self_test`) check on
+        the full vocabulary that the model's verdict token is 'safe' or 'unsafe', as Llama Guard's is."""
         import torch
 
         with self._lock, torch.inference_mode():
             for role, kv in self._kv.items():
-                kv.extend_to(self._heads[role])
+                kv.extend_to(self._heads[role], rows=())  # no logits: the head is followed by a conversation
+            if not self_test:
+                return
             ids = self.prompt_ids(SELF_TEST)
             probs = torch.softmax(self._kv["User"].extend_to(ids)[0].float(), dim=-1)
         mass = float(probs[self._safe] + probs[self._unsafe])
@@ -87,13 +93,26 @@ class Guard(Moderator):
             return score, (self._decode_from(kv, self._unsafe) if score >= self.settings.threshold else "safe")
 
     def _decode_from(self, kv: PrefixCache, first: int) -> str:
-        """Greedy decode after the verdict token, on the full vocabulary, for the category line."""
+        """Greedy decode after the verdict token for the category line, over the tokens one can hold."""
         import torch
 
+        rows = self._category_rows
         out, token = [first], first
         for _ in range(MAX_CATEGORY_TOKENS):
-            token = int(torch.argmax(kv.forward([token])))
+            token = rows[int(torch.argmax(kv.forward([token], rows=rows)))]
             if token == self._eot:
                 break
             out.append(token)
         return self.tokenizer.decode(out, skip_special_tokens=False)
+
+
+def category_rows(tokenizer, policy: dict, eot: int) -> tuple[int, ...]:
+    """The tokens of every category line Llama Guard 3 writes after 'unsafe' ("\\nS1", "\\nS2,S10", ...) for
+    the policy's codes and S1-S14 (a code outside the policy is read as unreadable, guard.verdict), and
+    the end of turn."""
+    codes = sorted({*policy, *(f"S{i}" for i in range(1, 15))})
+    ids = {eot}
+    for a in codes:
+        for b in codes:
+            ids.update(tokenizer(f"\n{a},{b}", add_special_tokens=False)["input_ids"])
+    return tuple(sorted(ids))

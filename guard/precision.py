@@ -121,9 +121,11 @@ def load_int8(guard_cls, source, dtype, settings, progress=None):
         return full(f"int8 refused: {known['reason']}")
     model, tokenizer = load_quantized(source, "int8", dtype=dtype, cache_folder=None,
                                       build=lambda: load_model(source, dtype), alongside=lambda: load_tokenizer(source),
-                                      progress=say)
+                                      progress=say, mapped=("lm_head",))
     try:
-        candidate = guard_cls(model.eval(), tokenizer, name=source.name, settings=settings)
+        # A passed probe check means these weights passed the self-test too (the start that checked them ran
+        # it first), so it is not run again: it is what reads the whole output layer, memory-mapped here.
+        candidate = guard_cls(model.eval(), tokenizer, name=source.name, settings=settings, self_test=known is None)
     except GuardError as e:  # the int8 model fails the self-test that the full one may pass
         problem = f"the int8 model failed the load-time self-test: {e.message}"
         _write(path, {"passed": False, "reason": problem})

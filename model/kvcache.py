@@ -58,7 +58,8 @@ class PrefixCache:
 
     def forward(self, ids: Sequence[int], rows: Sequence[int] | None = None, cancel=None):
         """Run `ids` after what is cached; return the logits of the last position: the whole vocabulary,
-        or only the output rows `rows` (the rest of the output layer is then never read). With `cancel` (a
+        or only the output rows `rows` (the rest of the output layer is then never read; none for an empty
+        `rows`). With `cancel` (a
         threading.Event) it raises Cancelled, between smaller chunks, once the event is set."""
         import torch
 
@@ -73,12 +74,13 @@ class PrefixCache:
             x = torch.tensor([chunk], device=self.model.device)
             last = start + size >= len(ids)
             try:
-                if rows is not None and last:
+                if rows is not None:  # the decoder alone, then at the end only the rows asked for
                     hidden = self.model.get_decoder()(input_ids=x, cache=self.cache, use_cache=True).last_hidden_state
-                    head = self.model.get_output_embeddings()
-                    weight = head.dequantized(rows) if hasattr(head, "dequantized") else head.weight[list(rows)]
-                    # in fp32: a quantized layer's rows come back fp32 whatever the activations' dtype
-                    logits = torch.nn.functional.linear(hidden[0, -1].float(), weight.float())
+                    if last and rows:
+                        head = self.model.get_output_embeddings()
+                        weight = head.dequantized(rows) if hasattr(head, "dequantized") else head.weight[list(rows)]
+                        # in fp32: a quantized layer's rows come back fp32 whatever the activations' dtype
+                        logits = torch.nn.functional.linear(hidden[0, -1].float(), weight.float())
                 elif len(chunk) == 1 and (self.step or self.eager_step):
                     logits = (self.step or self.eager_step)(x, self.cache)
                 else:

@@ -4,7 +4,8 @@ materialising the bf16 weights (meta-device model, `load_state_dict(assign=True)
 An entry is a `.bin` file holding every tensor of the state dict back to back, plus a `.json` record
 (key, source, layout, config, tensor table, size, CRC-32 per 64 MB chunk). Loading reads what decoding
 streams every token straight into one buffer on 2 MB pages (`_hugepage_view`), and memory-maps the
-input embedding (a lookup touches a few of its rows). Every byte is checked before use: a CRC-32
+input embedding (a lookup touches a few of its rows) and any layer the caller names (`mapped`: the guard's
+output layer, read in full only at its first start). Every byte is checked before use: a CRC-32
 finds a flipped bit or a torn write and runs at ~4 GB/s here (SHA-256: 1.8), which matters at start-up.
 An entry that is missing, stale (another key), truncated, altered or does not fit the model is rebuilt,
 never trusted blindly. The read can start before torch is imported (`prefetch`). A GGUF file's tokenizer
@@ -30,8 +31,8 @@ from model.host import app_cache_folder
 
 log = logging.getLogger(__name__)
 
-FORMAT = 6  # 4: records name their checkpoint (prefetch, dropping stale entries); 5: one weight buffer per QLinear;
-# 6: the native kernel is named "native" (one packed layout for every variant)
+FORMAT = 7  # 4: records name their checkpoint (prefetch, dropping stale entries); 5: one weight buffer per QLinear;
+# 6: the native kernel is named "native" (one packed layout for every variant); 7: `mapped` layers after the arena
 TOKENIZER_FORMAT = 3
 CHUNK = 64 << 20
 ALIGN = 64
@@ -99,12 +100,13 @@ def cached_tokenizer(source, convert):
 
 
 def load_quantized(source, mode: str, *, dtype, cache_folder: Path | None, build, alongside=None, progress=None,
-                   prefetched: Prefetch | None = None):
+                   prefetched: Prefetch | None = None, mapped: tuple[str, ...] = ()):
     """(the quantized model, what `alongside()` returned). The model comes from the cache, or is built with
     `build()` (bf16 on CPU), quantized, stored and read back (so its weights sit on huge pages either way).
     `alongside` (loading the tokenizer, say) runs in this thread while a cache hit's weights stream in.
     `prefetched` (see `prefetch`) is that read already under way; it is cancelled if it read another entry.
-    `progress(text)` hears when the model has to be built (a first start: seconds to a minute)."""
+    `progress(text)` hears when the model has to be built (a first start: seconds to a minute). `mapped`: names
+    of modules (e.g. "lm_head") stored after the arena with the input embedding, memory-mapped at load."""
     from model.quant import kernel, quantize_model
 
     kernel_name = kernel()
@@ -135,7 +137,7 @@ def load_quantized(source, mode: str, *, dtype, cache_folder: Path | None, build
     layout = quantize_model(model, mode, kernel_name, progress=layers)
     about = {**_about(source, mode), "kernel": kernel_name, "dtype": str(dtype)}
     try:
-        _store(model, layout, about, key, weights, record)
+        _store(model, layout, about, key, weights, record, mapped)
         _drop_stale(folder, about, key)
     except OSError as e:  # a full disk or a read-only cache: run from memory this time
         log.warning("could not store the quantized model in %s: %s", folder, e)
@@ -204,14 +206,19 @@ def _state(model) -> dict:
     return state
 
 
-def _store(model, layout, about: dict, key, weights: Path, record: Path) -> None:
+def _store(model, layout, about: dict, key, weights: Path, record: Path, mapped: tuple[str, ...] = ()) -> None:
     """Write the state dict: first what decoding streams every token (read into huge pages at load), then
-    the input embedding (memory-mapped at load: a token lookup touches a few rows of its 0.5 GB)."""
+    the `mapped` modules and the input embedding (memory-mapped at load: a token lookup touches a few rows
+    of its 0.5 GB)."""
     import torch
 
     embedding = model.get_input_embeddings().weight.data_ptr()
     state = _state(model)
-    order = sorted(state, key=lambda name: state[name].data_ptr() == embedding)  # the embedding last
+
+    def after_arena(name: str) -> bool:
+        return state[name].data_ptr() == embedding or name.startswith(tuple(f"{m}." for m in mapped))
+
+    order = sorted(state, key=after_arena)  # the arena first
     weights.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = weights.with_suffix(f".tmp{os.getpid()}")
     table, arena_bytes = [], None
@@ -227,7 +234,7 @@ def _store(model, layout, about: dict, key, weights: Path, record: Path) -> None
             for name in order:
                 tensor = state[name]
                 put(b"\0" * (-f.tell() % ALIGN))
-                if tensor.data_ptr() == embedding and arena_bytes is None:  # the arena ends here
+                if after_arena(name) and arena_bytes is None:  # the arena ends here
                     arena_bytes = f.tell()
                 data = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
                 table.append([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), f.tell(), len(data)])

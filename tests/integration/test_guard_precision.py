@@ -52,6 +52,25 @@ def test_int8_guard_agrees_with_full_precision_and_is_used(tiny_guard_dir, kerne
     again = []
     second = Guard.load(str(tiny_guard_dir), device="cpu", dtype=dtype, precision="auto", progress=again.append)
     assert second.precision == "int8" and not any("probe" in s for s in again)  # the outcome was kept
+    # Read from its cache, the output layer stays memory-mapped from the cache file and unread by loading (no
+    # self-test, prompt heads without logits); a check reads two of its rows, a category line the rows it can
+    # hold, and the categories still come out.
+    assert mapped_file(second.model.lm_head.packed.data_ptr()).endswith(".bin")
+    assert resident_fraction(second.model.lm_head.packed) < 0.1
+    assert mapped_file(second.model.model.layers[0].mlp.down_proj.packed.data_ptr()) is None  # in the arena
+    again_unsafe = second.check([{"role": "user", "content": f"Where do I buy a {KEYWORD}?"}])
+    assert (again_unsafe.safe, again_unsafe.categories, again_unsafe.raw) == (False, ("S1",), "unsafe\nS1")
+
+
+def mapped_file(address: int) -> str | None:
+    """The file mapped at `address` in this process, or None for anonymous memory."""
+    with open("/proc/self/maps", encoding="utf-8") as f:
+        for line in f:
+            fields = line.split()
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            if start <= address < end:
+                return fields[5] if len(fields) > 5 and fields[5].startswith("/") else None
+    return None
 
 
 def test_a_damaged_int8_guard_is_refused_and_full_precision_screens(tiny_guard_dir, kernel_variant, monkeypatch):
@@ -91,3 +110,14 @@ def test_stored_verdicts_record_the_precision(tiny_guard_dir, tiny_runner, kerne
     stored = [v for m in History(history.path).messages(session.conversation_id) for v in m.verdicts]
     assert {v["stage"] for v in stored} == {"input", "output"}
     assert {v["precision"] for v in stored} == {"int8"}
+
+
+def resident_fraction(tensor) -> float:
+    """How much of `tensor`'s memory this process has mapped in (/proc/self/pagemap's present bit)."""
+    page, start = 4096, tensor.data_ptr()
+    first, last = start // page, (start + tensor.numel() * tensor.element_size() - 1) // page
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(first * 8)
+        entries = f.read((last - first + 1) * 8)
+    present = sum(entries[i + 7] >> 7 for i in range(0, len(entries), 8))
+    return present / (last - first + 1)
