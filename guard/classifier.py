@@ -110,9 +110,8 @@ def category_rows(tokenizer, policy: dict, eot: int) -> tuple[int, ...]:
     """The tokens of every category line Llama Guard 3 writes after 'unsafe' ("\\nS1", "\\nS2,S10", ...) for
     the policy's codes and S1-S14 (a code outside the policy is read as unreadable, guard.verdict), and
     the end of turn."""
-    codes = sorted({*policy, *(f"S{i}" for i in range(1, 15))})
     ids = {eot}
-    for a in codes:
-        for b in codes:
-            ids.update(tokenizer(f"\n{a},{b}", add_special_tokens=False)["input_ids"])
+    for code in {*policy, *(f"S{i}" for i in range(1, 15))}:
+        for piece in (f"\n{code}", f",{code}"):  # a line's first code, and each one after a comma
+            ids.update(tokenizer(piece, add_special_tokens=False)["input_ids"])
     return tuple(sorted(ids))
