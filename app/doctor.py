@@ -89,11 +89,11 @@ def _history_state(path) -> str:
 
 
 def _quant_kernel() -> str:
-    from model.qkernel import available, variant
+    from model.qkernel import VARIANTS, available, variant
 
     why = available()
     if why is None:  # model.step.NativeStep
-        return (f"native {variant()} kernel (model/kernels; LLAMA_CHAT_KERNEL forces avx512, avxvnni, avx2, neon or torch); "
+        return (f"native {variant()} kernel (model/kernels; LLAMA_CHAT_KERNEL forces {', '.join(VARIANTS)} or torch); "
                 "decode steps run natively, not compiled")
     return f"PyTorch's kernels ({why})"
 

@@ -7,13 +7,15 @@ to int8 per block of 32 and multiply with integer dot products, like llama.cpp. 
 variant per instruction set (model/kernels/arch_<variant>.h), all with the same calls and the same packed
 weights:
 
+- amx: the avx512 variant whose prompt rows (16 and more) multiply on AMX-INT8's tile unit (Intel Xeon
+  since Sapphire Rapids): same results, several times the integer throughput for prefill and the guard;
 - avx512: AVX512-VNNI (AMD Zen 4 and later, Intel Xeon since Cascade Lake, Ice/Tiger Lake laptops);
 - avxvnni: AVX2 + FMA + AVX-VNNI (Intel's 12th generation and later without AVX-512, AMD Zen 5 has it too):
   the avx2 variant with the 256-bit vpdpbusd;
 - avx2: AVX2 + FMA (Intel since Haswell; AMD Zen 1-3);
 - neon: aarch64 with the dot-product extension (Apple M1 and later, Graviton 2 and later, Snapdragon X).
 
-The fastest variant the CPU has is used; `LLAMA_CHAT_KERNEL=avx2` (or avx512, avxvnni, neon) forces one, and
+The fastest variant the CPU has is used; `LLAMA_CHAT_KERNEL=avx2` (or amx, avx512, avxvnni, neon) forces one, and
 `LLAMA_CHAT_KERNEL=torch` asks for PyTorch's kernels. The sources are compiled once per variant, source
 version and compiler version into the app's cache folder with the system's C++ compiler (a few seconds)
 and called through ctypes: no torch headers, no build step at install. The library reports its ABI
@@ -36,13 +38,15 @@ import torch  # loaded first, so the kernel binds to torch's OpenMP runtime (one
 
 KERNELS = Path(__file__).with_name("kernels")
 SOURCES = ("qlinear.cpp", "decode.cpp")
-HEADERS = ("qlinear.h", "arch_avx512.h", "arch_avx2.h", "arch_neon.h", "decode_avx512.h")
-ABI = 2  # LC_ABI in model/kernels/qlinear.h
+HEADERS = ("qlinear.h", "arch_amx.h", "arch_avx512.h", "arch_avx2.h", "arch_neon.h", "decode_avx512.h")
+ABI = 3  # LC_ABI in model/kernels/qlinear.h
 BASE_FLAGS = ("-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC")
 # variant: (machine, CPU flags it needs as /proc/cpuinfo names them, compiler flags); fastest first
+_AVX512 = (("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"),
+           ("-DLC_AVX512", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mfma"))
 VARIANTS = {
-    "avx512": ("x86_64", ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"),
-               ("-DLC_AVX512", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mfma")),
+    "amx": ("x86_64", (*_AVX512[0], "amx_tile", "amx_int8"), (*_AVX512[1], "-DLC_AMX", "-mamx-tile", "-mamx-int8")),
+    "avx512": ("x86_64", *_AVX512),
     "avxvnni": ("x86_64", ("avx2", "fma", "avx_vnni"),
                 ("-DLC_AVX2", "-DLC_AVXVNNI", "-mavx2", "-mfma", "-mavxvnni", "-ffp-contract=fast")),
     "avx2": ("x86_64", ("avx2", "fma"), ("-DLC_AVX2", "-mavx2", "-mfma", "-ffp-contract=fast")),
@@ -143,7 +147,7 @@ def load():
 
 
 def variant() -> str | None:
-    """The variant that runs here (avx512, avxvnni, avx2, neon), or None (see `available`)."""
+    """The variant that runs here (amx, avx512, avxvnni, avx2, neon), or None (see `available`)."""
     try:
         return load().lc_variant().decode()
     except Unavailable:
@@ -160,22 +164,27 @@ def _entry_point(requested: str):
 
 
 def _build_and_load(requested: str):
-    from model.host import app_cache_folder, find_cxx
+    from model.host import find_cxx
 
     names = pick_variants(requested)
     cxx = find_cxx()
     if cxx is None:
         raise Unavailable("no C++ compiler found (install g++ or clang++)")
-    for i, name in enumerate(names):
+    for i, name in enumerate(names):  # a variant that fails to build or start here gives way to the next
         try:
-            lib = build(name, cxx, app_cache_folder() / "kernels")
-            break
+            return _load_variant(name, cxx)
         except Unavailable:
             if i == len(names) - 1:
                 raise
+
+
+def _load_variant(name: str, cxx: str):
+    from model.host import app_cache_folder
+
+    lib = build(name, cxx, app_cache_folder() / "kernels")
     try:
         found = ctypes.CDLL(str(lib))
-        fn, step, abi, var = found.lc_qlinear, found.lc_decode, found.lc_abi, found.lc_variant
+        fn, step, abi, var, ready = found.lc_qlinear, found.lc_decode, found.lc_abi, found.lc_variant, found.lc_ready
     except (OSError, AttributeError) as e:
         lib.unlink(missing_ok=True)  # a damaged or foreign file: built again next time
         raise Unavailable(f"cannot load {lib}: {e}") from e
@@ -183,6 +192,8 @@ def _build_and_load(requested: str):
     if abi() != ABI or var() != name.encode():
         lib.unlink(missing_ok=True)
         raise Unavailable(f"{lib} is ABI {abi()} {var().decode()}, not ABI {ABI} {name}; it is rebuilt next time")
+    if not ready():
+        raise Unavailable(f"the {name} kernel cannot start here (the operating system refuses its registers)")
     i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     fn.restype = step.restype = ctypes.c_int
     fn.argtypes = [ptr, c_int, i64, i64, ptr, c_int, i64, i64, ptr, c_int, c_int]

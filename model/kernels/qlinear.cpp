@@ -19,7 +19,10 @@
 
 #include "qlinear.h"
 
-#if defined(LC_AVX512)
+#if defined(LC_AMX)
+#include "arch_amx.h"
+#define LC_VARIANT "amx"
+#elif defined(LC_AVX512)
 #include "arch_avx512.h"
 #define LC_VARIANT "avx512"
 #elif defined(LC_AVX2)
@@ -33,7 +36,7 @@
 #include "arch_neon.h"
 #define LC_VARIANT "neon"
 #else
-#error "build with -DLC_AVX512, -DLC_AVX2 or -DLC_NEON (model/qkernel.py does)"
+#error "build with -DLC_AVX512 (and -DLC_AMX), -DLC_AVX2 or -DLC_NEON (model/qkernel.py does)"
 #endif
 
 namespace lc {
@@ -50,19 +53,25 @@ inline void store(void* y, bool y_bf16, int64_t at, const float* v, int64_t n) {
   }
 }
 
-// Activation rows quantized for group size G, in per-thread scratch.
+// Activation rows quantized for group size G, in per-thread scratch; `pad` rounds the rows up to a
+// multiple of itself with zero rows (whole AMX tiles).
 struct ActRows {
   std::vector<int8_t> q, wq;
   std::vector<float> d, gs, xf;
   std::vector<Act> acts;
 
-  Act* quantize(const void* x, bool x_bf16, int64_t M, int64_t K, int64_t G, int threads) {
-    const int64_t groups = K / G;
-    int8_t* qp = scratch(q, (size_t)(M * K));
-    float* dp = scratch(d, (size_t)(M * K / 32));
-    float* gp = scratch(gs, (size_t)(M * groups));
+  Act* quantize(const void* x, bool x_bf16, int64_t M, int64_t K, int64_t G, int threads, int64_t pad = 1) {
+    const int64_t groups = K / G, rows = (M + pad - 1) / pad * pad;
+    int8_t* qp = scratch(q, (size_t)(rows * K));
+    float* dp = scratch(d, (size_t)(rows * K / 32));
+    float* gp = scratch(gs, (size_t)(rows * groups));
     float* xp = x_bf16 ? scratch(xf, (size_t)(M * K)) : (float*)x;
-    Act* a = scratch(acts, (size_t)M);
+    Act* a = scratch(acts, (size_t)rows);
+    for (int64_t m = M; m < rows; ++m) {
+      a[m] = Act{qp + m * K, dp + m * (K / 32), gp + m * groups, nullptr};
+      memset(a[m].q, 0, (size_t)K), memset(a[m].d, 0, sizeof(float) * (size_t)(K / 32));
+      memset(a[m].gsum, 0, sizeof(float) * (size_t)groups);
+    }
     int8_t* wp = WIDE_ROWS && M <= WIDE_ROWS ? scratch(wq, (size_t)(M * K * 8)) : nullptr;
 #pragma omp parallel for num_threads(threads) schedule(static) if (M >= 8)
     for (int64_t m = 0; m < M; ++m) {
@@ -93,14 +102,61 @@ void tile_rows(const QMat& w, int64_t K, int64_t t, const Act* acts, int64_t M, 
   }
 }
 
+#ifdef LC_AMX
+// linears() for M >= AMX_ROWS: the rows in chunks of 16 (amx_gather), each thread's tiles against every chunk.
+void amx_linears(const Act* acts, int64_t M, int64_t K, const QMat* w, int count, void* const* y, bool y_bf16,
+                 int64_t total, int threads) {
+  thread_local std::vector<int8_t> q;
+  thread_local std::vector<float> d, gs;
+  const int64_t chunks = (M + 15) / 16, G = w[0].group;
+  int8_t* qp = scratch(q, (size_t)(chunks * 16 * K));
+  float* dp = scratch(d, (size_t)(chunks * K / 2));
+  float* gp = scratch(gs, (size_t)(chunks * 16 * (K / G)));
+  auto chunk = [&](int64_t c) { return AmxRows{qp + c * 16 * K, dp + c * K / 2, gp + c * 16 * (K / G)}; };
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < chunks; ++c) amx_gather(acts + 16 * c, K, G, chunk(c));
+    amx_configure();
+    thread_local std::vector<uint8_t> codes;  // an int4 tile unpacked
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < total; ++t) {
+      int i = 0;
+      int64_t lt = t;
+      while (lt >= (w[i].n + 15) / 16) lt -= (w[i++].n + 15) / 16;
+      const QMat& m = w[i];
+      const uint8_t* tile = m.data + lt * tile_bytes(K, G, m.bits);
+      if (m.bits == 4) amx_unpack4(tile, K, G, scratch(codes, (size_t)(K * 16)));
+      const int64_t rows = m.n - 16 * lt < 16 ? m.n - 16 * lt : 16;
+      for (int64_t c = 0; c < chunks; ++c) {
+        alignas(64) float out[16][16];
+        if (m.bits == 4)
+          amx_tile_dot<4>(tile, codes.data(), K, G, chunk(c), out);
+        else
+          amx_tile_dot<8>(tile, nullptr, K, G, chunk(c), out);
+        for (int64_t r = 0; r < 16 && 16 * c + r < M; ++r) store(y[i], y_bf16, (16 * c + r) * m.n + 16 * lt, out[r], rows);
+      }
+    }
+    amx_release();
+  }
+}
+#endif
+
 }  // namespace
 
 void linears(const void* x, bool x_bf16, int64_t M, int64_t K, const QMat* w, int count, void* const* y,
              bool y_bf16, int threads) {
   thread_local ActRows rows;
-  const Act* acts = rows.quantize(x, x_bf16, M, K, w[0].group, threads);
   int64_t total = 0;
   for (int i = 0; i < count; ++i) total += (w[i].n + 15) / 16;
+#ifdef LC_AMX
+  if (M >= AMX_ROWS) {
+    const Act* acts = rows.quantize(x, x_bf16, M, K, w[0].group, threads, 16);
+    amx_linears(acts, M, K, w, count, y, y_bf16, total, threads);
+    return;
+  }
+#endif
+  const Act* acts = rows.quantize(x, x_bf16, M, K, w[0].group, threads);
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t t = 0; t < total; ++t) {
     int i = 0;
@@ -130,8 +186,14 @@ int lc_qlinear(const void* x, int x_bf16, int64_t M, int64_t K, const uint8_t* w
   return 0;
 }
 
-// What model/qkernel.py checks before it uses the library: the ABI it was built for, and its variant.
+// What model/qkernel.py checks before it uses the library: the ABI it was built for, its variant, and
+// whether it can run in this process (AMX: the operating system grants the tile registers).
 int lc_abi() { return LC_ABI; }
+#ifdef LC_AMX
+int lc_ready() { return amx_permitted(); }
+#else
+int lc_ready() { return 1; }
+#endif
 const char* lc_variant() { return LC_VARIANT; }
 
 }

@@ -12,7 +12,7 @@
 
 // Bumped whenever an exported function or struct changes; model/qkernel.py refuses a library whose
 // lc_abi() differs from its own ABI.
-#define LC_ABI 2
+#define LC_ABI 3
 
 namespace lc {
 

@@ -11,6 +11,7 @@ from model.qkernel import Unavailable, pick_variant
 ZEN4 = {"avx2", "fma", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"}
 ZEN3 = {"avx2", "fma", "f16c"}
 ALDER_LAKE = {"avx2", "fma", "f16c", "avx_vnni"}  # Intel's 12th generation: AVX-VNNI without AVX-512
+SAPPHIRE_RAPIDS = ZEN4 | {"avx_vnni", "amx_tile", "amx_int8", "amx_bf16"}
 GRAVITON = {"fp", "asimd", "asimddp", "i8mm"}
 
 
@@ -19,6 +20,8 @@ def test_the_fastest_variant_the_cpu_has():
     assert pick_variant("", "x86_64", ZEN3) == "avx2"
     assert pick_variant("", "x86_64", ALDER_LAKE) == "avxvnni"
     assert pick_variant("", "x86_64", ZEN4 | {"avx_vnni"}) == "avx512"  # Zen 5 has both
+    assert pick_variant("", "x86_64", SAPPHIRE_RAPIDS) == "amx"
+    assert pick_variant("", "x86_64", ZEN4 | {"amx_tile"}) == "avx512"  # tiles without their int8 products
     assert pick_variant("", "aarch64", GRAVITON) == "neon"
     with pytest.raises(Unavailable, match="needs AVX2 \\+ FMA, AVX512-VNNI or NEON"):
         pick_variant("", "x86_64", {"sse4_2", "avx"})
@@ -30,6 +33,9 @@ def test_the_override_forces_a_variant_the_cpu_has():
     assert pick_variant("avx2", "x86_64", ZEN4) == "avx2"  # every AVX-512 machine tests both x86 variants
     assert pick_variant("AVX512", "x86_64", ZEN4) == "avx512"
     assert pick_variant("avx2", "x86_64", ALDER_LAKE) == "avx2"
+    assert pick_variant("avx512", "x86_64", SAPPHIRE_RAPIDS) == "avx512"
+    with pytest.raises(Unavailable, match="LLAMA_CHAT_KERNEL=amx asks for the amx kernel, but this CPU lacks amx_tile, amx_int8"):
+        pick_variant("amx", "x86_64", ZEN4)
     with pytest.raises(Unavailable, match="LLAMA_CHAT_KERNEL=avxvnni asks for the avxvnni kernel, but this CPU lacks avx_vnni"):
         pick_variant("avxvnni", "x86_64", ZEN3)
     with pytest.raises(Unavailable, match="LLAMA_CHAT_KERNEL=avx512 asks for the avx512 kernel, but this CPU lacks avx512f"):
@@ -38,7 +44,7 @@ def test_the_override_forces_a_variant_the_cpu_has():
         pick_variant("neon", "x86_64", ZEN4)
     with pytest.raises(Unavailable, match="asks for PyTorch's kernels"):
         pick_variant("torch", "x86_64", ZEN4)
-    with pytest.raises(Unavailable, match="LLAMA_CHAT_KERNEL=sse is not a kernel: use avx512, avxvnni, avx2, neon or torch"):
+    with pytest.raises(Unavailable, match="LLAMA_CHAT_KERNEL=sse is not a kernel: use amx, avx512, avxvnni, avx2, neon or torch"):
         pick_variant("sse", "x86_64", ZEN4)
 
 
@@ -74,5 +80,31 @@ def test_a_variant_the_compiler_cannot_build_gives_way_to_the_next(monkeypatch, 
         assert qkernel.variant() == runs[0]
         monkeypatch.setenv("LLAMA_CHAT_KERNEL", "future")  # asked for by name: no other one instead
         assert "compiling model/kernels (future) failed" in qkernel.available()
+    finally:
+        qkernel._entry_point.cache_clear()
+
+
+def test_a_variant_that_cannot_start_gives_way_to_the_next(monkeypatch, tmp_path):
+    """The amx variant builds but needs the operating system to grant the tile registers (lc_ready); where
+    it refuses, the next variant runs."""
+    from tests.conftest import native_variants
+
+    runs = native_variants()
+    if len(runs) < 2:
+        pytest.skip("needs two kernel variants this CPU runs")
+    load_variant = qkernel._load_variant
+
+    def refuse_first(name, cxx):
+        if name == runs[0]:
+            raise Unavailable(f"the {name} kernel cannot start here (the operating system refuses its registers)")
+        return load_variant(name, cxx)
+
+    monkeypatch.setattr(qkernel, "_load_variant", refuse_first)
+    monkeypatch.delenv("LLAMA_CHAT_KERNEL", raising=False)
+    qkernel._entry_point.cache_clear()
+    try:
+        assert qkernel.variant() == runs[1]
+        monkeypatch.setenv("LLAMA_CHAT_KERNEL", runs[0])  # asked for by name: no other one instead
+        assert "cannot start here" in qkernel.available()
     finally:
         qkernel._entry_point.cache_clear()

@@ -22,7 +22,7 @@ SHAPES = [(48, 128), (40, 96), (300, 512)]  # (out, in): one tile, a padded tile
 @pytest.mark.parametrize("bits, group, out_features, in_features", [
     (bits, group, n, k) for bits, group in [(4, 32), (4, 64), (4, 128), (8, None)] for n, k in SHAPES
     if not group or k % group == 0])
-@pytest.mark.parametrize("rows", [1, 3, 9])
+@pytest.mark.parametrize("rows", [1, 3, 9, 40])  # 40: the amx variant's tiles of 16 rows, the last one padded
 def test_kernel_computes_the_quantized_product(bits, group, out_features, in_features, rows):
     torch.manual_seed(rows)
     linear = nn.Linear(in_features, out_features, bias=False)
@@ -33,6 +33,20 @@ def test_kernel_computes_the_quantized_product(bits, group, out_features, in_fea
     # and the weights it multiplies by are the layer's, within the quantization step
     step = (linear.weight.abs().amax() / 127) if bits == 8 else (linear.weight.abs().amax() * 2 / 15)
     assert (q.dequantized() - linear.weight).abs().max() <= step / 2 + 1e-3
+
+
+@pytest.mark.parametrize("bits, group", [(4, 32), (4, 128), (8, 512)])
+def test_amx_tiles_give_the_vnni_result_bit_for_bit(bits, group, kernel_variant, monkeypatch):
+    """The amx variant's prompt rows (16 and more) multiply on the tile unit with the same integer sums and
+    the same floating-point steps as avx512's VNNI path: its results are avx512's exactly."""
+    if kernel_variant != "amx":
+        pytest.skip("compares the amx variant with avx512")
+    torch.manual_seed(0)
+    q = QLinear.from_linear(nn.Linear(512, 80, bias=False), bits, group)
+    x = torch.randn(37, 512)
+    amx = q(x)
+    monkeypatch.setenv("LLAMA_CHAT_KERNEL", "avx512")
+    assert torch.equal(amx, q(x))
 
 
 def test_bf16_in_bf16_out_and_leading_dims():
