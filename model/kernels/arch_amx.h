@@ -71,43 +71,57 @@ inline void amx_gather(const Act* acts, int64_t K, int64_t G, AmxRows a) {
     _tile_dpbsud(C, A, B);               \
   } while (0)
 
+// part[r] += the block's sums (row r) x its activation scale; at a group's end, part into acc with the
+// group's weight scale and offset (tile_dot's arithmetic, in its order).
+inline void amx_scale(const int32_t sums[16][16], const float* d, __m512 part[16]) {
+  for (int r = 0; r < 16; ++r)
+    part[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[r])), _mm512_set1_ps(d[r]), part[r]);
+}
+
+inline void amx_group(const uint8_t* words_at, const float* gsum, __m512 part[16], __m512 acc[16]) {
+  const __m512i words = _mm512_loadu_si512(words_at);  // s | m << 16 per row
+  const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
+  const __m512 m = _mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32((int)0xffff0000u)));
+  for (int r = 0; r < 16; ++r) {
+    acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(gsum[r]), _mm512_fmadd_ps(part[r], s, acc[r]));
+    part[r] = _mm512_setzero_ps();
+  }
+}
+
 // One tile of 16 weight rows against 16 activation rows; `codes` holds the tile's blocks as B tiles,
 // 512 bytes each (int8: the tile itself, whose blocks lie in its groups; int4: unpacked). out[r][i] as
-// tile_dot's, with tile_dot's arithmetic in the same order.
+// tile_dot's. Pipelined: while block b multiplies on the tile unit, block b - 1's sums are stored and
+// scaled (even blocks in tiles 0, 2, 3; odd ones in 1, 4, 5).
 template <int BITS>
 void amx_tile_dot(const uint8_t* tile, const uint8_t* codes, int64_t K, int64_t G, AmxRows a, float out[16][16]) {
-  const int64_t bpg = G / 32, groups = K / G;
-  // block j of group g as a B tile
-  auto at = [&](int64_t g, int64_t j) { return BITS == 8 ? tile + g * group_bytes(G, 8) + 512 * j : codes + 512 * (g * bpg + j); };
+  const int64_t bpg = G / 32, blocks = K / 32;
   alignas(64) int32_t sums[2][16][16];
   __m512 part[16], acc[16];
-  for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
-  LC_AMX_BLOCK(0, 2, 3, 0, at(0, 0));
-  for (int64_t g = 0, b = 0; g < groups; ++g) {
-    for (int r = 0; r < 16; ++r) part[r] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < bpg; ++j, ++b) {
-      // while this block's sums are scaled, the tile unit multiplies the next one (even blocks in
-      // tiles 0, 2, 3; odd ones in 1, 4, 5)
-      const bool last = j + 1 == bpg && g + 1 == groups;
-      const uint8_t* next = j + 1 < bpg ? at(g, j + 1) : at(g + 1, 0);
-      if (b % 2 == 0) {
-        if (!last) LC_AMX_BLOCK(1, 4, 5, b + 1, next);
-        _tile_stored(0, sums[0], 64);
-      } else {
-        if (!last) LC_AMX_BLOCK(0, 2, 3, b + 1, next);
-        _tile_stored(1, sums[1], 64);
-      }
-      for (int r = 0; r < 16; ++r)
-        part[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[b % 2][r])), _mm512_set1_ps(a.d[16 * b + r]),
-                                  part[r]);
+  for (int r = 0; r < 16; ++r) part[r] = acc[r] = _mm512_setzero_ps();
+  const uint8_t* w = BITS == 8 ? tile : codes;  // the next block's weights as a B tile
+  const uint8_t* words = tile + bpg * block_bytes(BITS);  // the current group's scales and offsets
+  LC_AMX_BLOCK(0, 2, 3, 0, w);
+  int64_t j = 0;  // block b's place in its group
+  bool ended = false;  // block b - 1 ended its group
+  for (int64_t b = 0; b < blocks; ++b) {
+    const bool group_end = ++j == bpg;
+    w += 512 + (BITS == 8 && group_end ? 64 : 0);  // int8: past the group's scales and offsets
+    if (b % 2 == 0) {
+      if (b + 1 < blocks) LC_AMX_BLOCK(1, 4, 5, b + 1, w);
+      _tile_stored(0, sums[0], 64);
+    } else {
+      if (b + 1 < blocks) LC_AMX_BLOCK(0, 2, 3, b + 1, w);
+      _tile_stored(1, sums[1], 64);
     }
-    // the group's scale and offset
-    const __m512i words = _mm512_loadu_si512(tile + g * group_bytes(G, BITS) + bpg * block_bytes(BITS));
-    const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(words, 16));
-    const __m512 m = _mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32((int)0xffff0000u)));
-    for (int r = 0; r < 16; ++r)
-      acc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(a.gsum[16 * g + r]), _mm512_fmadd_ps(part[r], s, acc[r]));
+    if (b > 0) {  // block b - 1, stored a step ago: loads right after a tile store wait for it
+      amx_scale(sums[(b - 1) % 2], a.d + 16 * (b - 1), part);
+      if (ended) amx_group(words, a.gsum + 16 * ((b - 1) / bpg), part, acc), words += group_bytes(G, BITS);
+    }
+    ended = group_end;
+    if (group_end) j = 0;
   }
+  amx_scale(sums[(blocks - 1) % 2], a.d + 16 * (blocks - 1), part);
+  amx_group(words, a.gsum + 16 * ((blocks - 1) / bpg), part, acc);
   for (int r = 0; r < 16; ++r) _mm512_storeu_ps(out[r], acc[r]);
 }
 #undef LC_AMX_BLOCK
