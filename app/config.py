@@ -107,7 +107,7 @@ class GenerationSettings:
     top_p: typing.Optional[float] = _f(None, "nucleus sampling mass; unset uses the checkpoint's", _between(0, 1, lo_open=True))
     max_new_tokens: int = _f(1024, "longest reply in tokens", _at_least(1))
     seed: typing.Optional[int] = _f(None, "sampling seed for reproducible replies", _between(0, 2**64 - 1))
-    repetition_penalty: typing.Optional[float] = _f(None, "penalty on tokens among the latest 64 (llama.cpp's "
+    repetition_penalty: typing.Optional[float] = _f(None, "penalty on tokens among the latest 256 (llama.cpp's "
                                                     "repeat_penalty); 1 is off; unset uses the checkpoint's",
                                                     _between(0, 2, lo_open=True))
 

@@ -16,7 +16,9 @@ class Sampling:
     seed: int | None = None
     max_new_tokens: int = 512
     repetition_penalty: float | None = None  # llama.cpp's and Ollama's repeat_penalty; 1 is off
-    repeat_last_n: int = 64  # how many of the latest ids (prompt and reply) the penalty looks at
+    # How many of the latest ids (prompt and reply) the penalty looks at: llama.cpp's 64 let SmolLM2 repeat a
+    # paragraph of ~70 tokens greedily (transformers' penalty looks at the whole sequence).
+    repeat_last_n: int = 256
 
     def resolved(self, defaults: dict) -> "Sampling":
         return Sampling(

@@ -24,9 +24,9 @@ inline bool amx_permitted() {
   return ok;
 }
 
-// Tiles 0-1: the int32 sums of two blocks in flight; 2: activations (16 rows x 32 bytes); 3: weights
-// (8 rows x 64 bytes). Loaded once per thread and matmul: other code on the same threads (oneDNN's AMX
-// kernels in PyTorch) may configure the tiles its own way.
+// Two blocks in flight, each in three tiles: the int32 sums (0, 1), the activations (2, 4: 16 rows x 32
+// bytes) and the weights (3, 5: 8 rows x 64 bytes). Loaded once per thread and matmul: other code on the
+// same threads (oneDNN's AMX kernels in PyTorch) may configure the tiles its own way.
 inline void amx_configure() {
   struct {
     uint8_t palette, start_row, reserved[14];

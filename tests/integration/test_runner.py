@@ -301,7 +301,9 @@ def distinct_8grams(ids) -> float:
 def test_the_demo_model_no_longer_loops_with_its_sampling(smollm2_gguf):
     """Issue 19: SmolLM2 wrote "He had seen the sea, and he had seen the sun." for ~1,000 tokens. With the
     repetition penalty of the demo's defaults (app.demo) its story goes on without repeating itself, greedy
-    and sampled (measured by the share of distinct 8-token runs)."""
+    and sampled (measured by the share of distinct 8-token runs). The penalty looks at the latest 256 tokens:
+    with llama.cpp's 64, greedy decoding repeated a ~70-token paragraph with bf16 activations on an Intel
+    AVX512/AMX CPU (0.82 distinct)."""
     from app.demo import DEMO_SAMPLING
 
     runner = Runner.load(str(smollm2_gguf), quantize="auto")  # as the demo runs
