@@ -84,6 +84,27 @@ def test_a_variant_the_compiler_cannot_build_gives_way_to_the_next(monkeypatch, 
         qkernel._entry_point.cache_clear()
 
 
+@pytest.mark.parametrize("bits, group", [(4, 32), (4, 128), (8, 512)])
+def test_amx_tiles_give_the_vnni_result_bit_for_bit(bits, group, monkeypatch):
+    """The amx variant's prompt rows (16 and more) multiply on the tile unit with the same integer sums and
+    the same floating-point steps as avx512's VNNI path: its results are avx512's exactly."""
+    import torch
+    from torch import nn
+
+    from model.quant import QLinear
+    from tests.conftest import native_variants
+
+    if "amx" not in native_variants():
+        pytest.skip("this CPU has no AMX-INT8 (the amx variant is compared with avx512 where it runs)")
+    torch.manual_seed(0)
+    q = QLinear.from_linear(nn.Linear(512, 80, bias=False), bits, group)
+    x = torch.randn(37, 512)
+    monkeypatch.setenv("LLAMA_CHAT_KERNEL", "amx")
+    amx = q(x)
+    monkeypatch.setenv("LLAMA_CHAT_KERNEL", "avx512")
+    assert torch.equal(amx, q(x))
+
+
 def test_a_variant_that_cannot_start_gives_way_to_the_next(monkeypatch, tmp_path):
     """The amx variant builds but needs the operating system to grant the tile registers (lc_ready); where
     it refuses, the next variant runs."""

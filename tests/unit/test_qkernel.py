@@ -35,20 +35,6 @@ def test_kernel_computes_the_quantized_product(bits, group, out_features, in_fea
     assert (q.dequantized() - linear.weight).abs().max() <= step / 2 + 1e-3
 
 
-@pytest.mark.parametrize("bits, group", [(4, 32), (4, 128), (8, 512)])
-def test_amx_tiles_give_the_vnni_result_bit_for_bit(bits, group, kernel_variant, monkeypatch):
-    """The amx variant's prompt rows (16 and more) multiply on the tile unit with the same integer sums and
-    the same floating-point steps as avx512's VNNI path: its results are avx512's exactly."""
-    if kernel_variant != "amx":
-        pytest.skip("compares the amx variant with avx512")
-    torch.manual_seed(0)
-    q = QLinear.from_linear(nn.Linear(512, 80, bias=False), bits, group)
-    x = torch.randn(37, 512)
-    amx = q(x)
-    monkeypatch.setenv("LLAMA_CHAT_KERNEL", "avx512")
-    assert torch.equal(amx, q(x))
-
-
 def test_bf16_in_bf16_out_and_leading_dims():
     torch.manual_seed(0)
     q = QLinear.from_linear(nn.Linear(256, 64, bias=False), 4, 32)
