@@ -8,7 +8,7 @@ variant per instruction set (model/kernels/arch_<variant>.h), all with the same 
 weights:
 
 - amx: the avx512 variant whose prompt rows (16 and more) multiply on AMX-INT8's tile unit (Intel Xeon
-  since Sapphire Rapids): same results, several times the integer throughput for prefill and the guard;
+  since Sapphire Rapids): the same results, faster prefill and guard checks (decoding is avx512's);
 - avx512: AVX512-VNNI (AMD Zen 4 and later, Intel Xeon since Cascade Lake, Ice/Tiger Lake laptops);
 - avxvnni: AVX2 + FMA + AVX-VNNI (Intel's 12th generation and later without AVX-512, AMD Zen 5 has it too):
   the avx2 variant with the 256-bit vpdpbusd;
