@@ -42,11 +42,11 @@ HEADERS = ("qlinear.h", "arch_amx.h", "arch_avx512.h", "arch_avx2.h", "arch_neon
 ABI = 3  # LC_ABI in model/kernels/qlinear.h
 BASE_FLAGS = ("-O3", "-std=c++17", "-fopenmp", "-shared", "-fPIC")
 # variant: (machine, CPU flags it needs as /proc/cpuinfo names them, compiler flags); fastest first
-_AVX512 = (("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"),
-           ("-DLC_AVX512", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mfma"))
+_AVX512_FLAGS = ("avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni")
+_AVX512_BUILD = ("-DLC_AVX512", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni", "-mfma")
 VARIANTS = {
-    "amx": ("x86_64", (*_AVX512[0], "amx_tile", "amx_int8"), (*_AVX512[1], "-DLC_AMX", "-mamx-tile", "-mamx-int8")),
-    "avx512": ("x86_64", *_AVX512),
+    "amx": ("x86_64", (*_AVX512_FLAGS, "amx_tile", "amx_int8"), (*_AVX512_BUILD, "-DLC_AMX", "-mamx-tile", "-mamx-int8")),
+    "avx512": ("x86_64", _AVX512_FLAGS, _AVX512_BUILD),
     "avxvnni": ("x86_64", ("avx2", "fma", "avx_vnni"),
                 ("-DLC_AVX2", "-DLC_AVXVNNI", "-mavx2", "-mfma", "-mavxvnni", "-ffp-contract=fast")),
     "avx2": ("x86_64", ("avx2", "fma"), ("-DLC_AVX2", "-mavx2", "-mfma", "-ffp-contract=fast")),

@@ -40,25 +40,23 @@ inline void amx_configure() {
   _tile_loadconfig(&c);
 }
 
-inline void amx_release() { _tile_release(); }
-
 // 16 activation rows as the tile unit reads them: per block of 32 inputs, the rows' codes one after the
 // other (an A tile, 512 contiguous bytes: rows K bytes apart would share a few cache sets) and their 16
-// scales; per group, the rows' 16 sums (Act::gsum).
+// scales; per group, the rows' 16 sums (Act::gsum). A last chunk of fewer rows is padded with zero rows.
 struct AmxRows {
   int8_t* q;
   float* d;
   float* gsum;
 };
 
-inline void amx_gather(const Act* acts, int64_t K, int64_t G, AmxRows a) {
+inline void amx_gather(const Act* acts, int64_t rows, int64_t K, int64_t G, AmxRows a) {
   for (int64_t b = 0; b < K / 32; ++b)
     for (int r = 0; r < 16; ++r) {
-      memcpy(a.q + 512 * b + 32 * r, acts[r].q + 32 * b, 32);
-      a.d[16 * b + r] = acts[r].d[b];
+      if (r < rows) memcpy(a.q + 512 * b + 32 * r, acts[r].q + 32 * b, 32); else memset(a.q + 512 * b + 32 * r, 0, 32);
+      a.d[16 * b + r] = r < rows ? acts[r].d[b] : 0.0f;
     }
   for (int64_t g = 0; g < K / G; ++g)
-    for (int r = 0; r < 16; ++r) a.gsum[16 * g + r] = acts[r].gsum[g];
+    for (int r = 0; r < 16; ++r) a.gsum[16 * g + r] = r < rows ? acts[r].gsum[g] : 0.0f;
 }
 
 // The 16 x 16 sums of block b (weights at w) into tile C, from tiles A and B. (A macro: the tile

@@ -53,25 +53,19 @@ inline void store(void* y, bool y_bf16, int64_t at, const float* v, int64_t n) {
   }
 }
 
-// Activation rows quantized for group size G, in per-thread scratch; `pad` rounds the rows up to a
-// multiple of itself with zero rows (whole AMX tiles).
+// Activation rows quantized for group size G, in per-thread scratch.
 struct ActRows {
   std::vector<int8_t> q, wq;
   std::vector<float> d, gs, xf;
   std::vector<Act> acts;
 
-  Act* quantize(const void* x, bool x_bf16, int64_t M, int64_t K, int64_t G, int threads, int64_t pad = 1) {
-    const int64_t groups = K / G, rows = (M + pad - 1) / pad * pad;
-    int8_t* qp = scratch(q, (size_t)(rows * K));
-    float* dp = scratch(d, (size_t)(rows * K / 32));
-    float* gp = scratch(gs, (size_t)(rows * groups));
+  Act* quantize(const void* x, bool x_bf16, int64_t M, int64_t K, int64_t G, int threads) {
+    const int64_t groups = K / G;
+    int8_t* qp = scratch(q, (size_t)(M * K));
+    float* dp = scratch(d, (size_t)(M * K / 32));
+    float* gp = scratch(gs, (size_t)(M * groups));
     float* xp = x_bf16 ? scratch(xf, (size_t)(M * K)) : (float*)x;
-    Act* a = scratch(acts, (size_t)rows);
-    for (int64_t m = M; m < rows; ++m) {
-      a[m] = Act{qp + m * K, dp + m * (K / 32), gp + m * groups, nullptr};
-      memset(a[m].q, 0, (size_t)K), memset(a[m].d, 0, sizeof(float) * (size_t)(K / 32));
-      memset(a[m].gsum, 0, sizeof(float) * (size_t)groups);
-    }
+    Act* a = scratch(acts, (size_t)M);
     int8_t* wp = WIDE_ROWS && M <= WIDE_ROWS ? scratch(wq, (size_t)(M * K * 8)) : nullptr;
 #pragma omp parallel for num_threads(threads) schedule(static) if (M >= 8)
     for (int64_t m = 0; m < M; ++m) {
@@ -84,6 +78,13 @@ struct ActRows {
     return a;
   }
 };
+
+// Tile t of linears()' tiles, all matrices' one after the other: (its matrix, its index there).
+inline int64_t tile_of(const QMat* w, int64_t t, int& i) {
+  i = 0;
+  while (t >= (w[i].n + 15) / 16) t -= (w[i++].n + 15) / 16;
+  return t;
+}
 
 template <int BITS>
 void tile_rows(const QMat& w, int64_t K, int64_t t, const Act* acts, int64_t M, void* y, bool y_bf16, int64_t ldy) {
@@ -104,8 +105,8 @@ void tile_rows(const QMat& w, int64_t K, int64_t t, const Act* acts, int64_t M, 
 
 #ifdef LC_AMX
 // linears() for M >= AMX_ROWS: the rows in chunks of 16 (amx_gather), each thread's tiles against every chunk.
-void amx_linears(const Act* acts, int64_t M, int64_t K, const QMat* w, int count, void* const* y, bool y_bf16,
-                 int64_t total, int threads) {
+void amx_linears(const Act* acts, int64_t M, int64_t K, const QMat* w, void* const* y, bool y_bf16, int64_t total,
+                 int threads) {
   thread_local std::vector<int8_t> q;
   thread_local std::vector<float> d, gs;
   const int64_t chunks = (M + 15) / 16, G = w[0].group;
@@ -116,14 +117,13 @@ void amx_linears(const Act* acts, int64_t M, int64_t K, const QMat* w, int count
 #pragma omp parallel num_threads(threads)
   {
 #pragma omp for schedule(static)
-    for (int64_t c = 0; c < chunks; ++c) amx_gather(acts + 16 * c, K, G, chunk(c));
+    for (int64_t c = 0; c < chunks; ++c) amx_gather(acts + 16 * c, M - 16 * c < 16 ? M - 16 * c : 16, K, G, chunk(c));
     amx_configure();
     thread_local std::vector<uint8_t> codes;  // an int4 tile unpacked
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < total; ++t) {
-      int i = 0;
-      int64_t lt = t;
-      while (lt >= (w[i].n + 15) / 16) lt -= (w[i++].n + 15) / 16;
+      int i;
+      const int64_t lt = tile_of(w, t, i);
       const QMat& m = w[i];
       const uint8_t* tile = m.data + lt * tile_bytes(K, G, m.bits);
       if (m.bits == 4) amx_unpack4(tile, K, G, scratch(codes, (size_t)(K * 16)));
@@ -137,7 +137,7 @@ void amx_linears(const Act* acts, int64_t M, int64_t K, const QMat* w, int count
         for (int64_t r = 0; r < 16 && 16 * c + r < M; ++r) store(y[i], y_bf16, (16 * c + r) * m.n + 16 * lt, out[r], rows);
       }
     }
-    amx_release();
+    _tile_release();
   }
 }
 #endif
@@ -147,21 +147,19 @@ void amx_linears(const Act* acts, int64_t M, int64_t K, const QMat* w, int count
 void linears(const void* x, bool x_bf16, int64_t M, int64_t K, const QMat* w, int count, void* const* y,
              bool y_bf16, int threads) {
   thread_local ActRows rows;
+  const Act* acts = rows.quantize(x, x_bf16, M, K, w[0].group, threads);
   int64_t total = 0;
   for (int i = 0; i < count; ++i) total += (w[i].n + 15) / 16;
 #ifdef LC_AMX
   if (M >= AMX_ROWS) {
-    const Act* acts = rows.quantize(x, x_bf16, M, K, w[0].group, threads, 16);
-    amx_linears(acts, M, K, w, count, y, y_bf16, total, threads);
+    amx_linears(acts, M, K, w, y, y_bf16, total, threads);
     return;
   }
 #endif
-  const Act* acts = rows.quantize(x, x_bf16, M, K, w[0].group, threads);
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t t = 0; t < total; ++t) {
-    int i = 0;
-    int64_t lt = t;
-    while (lt >= (w[i].n + 15) / 16) lt -= (w[i++].n + 15) / 16;
+    int i;
+    const int64_t lt = tile_of(w, t, i);
     if (w[i].bits == 4)
       tile_rows<4>(w[i], K, lt, acts, M, y[i], y_bf16, w[i].n);
     else
