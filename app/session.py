@@ -22,7 +22,7 @@ from app.history import History, Message
 from app.workspace import Workspace, open_histories
 from guard.moderator import CheckCancelled
 
-WRITE_INTERVAL_S = 0.25  # how often a streaming reply is written to the database
+WRITE_INTERVAL_S = 1.0  # how often a streaming reply is written to the database (each write reindexes it for search)
 GUARD_SHARE = 0.1  # the part of a streaming reply's time its checks aim to take (guard.stream)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import os
 import pickle
+import select
 import socket
 import subprocess
 import sys
@@ -36,6 +37,9 @@ LOG_LIMIT = 1 << 20
 CANCEL_POLL_S = 0.05  # how often a reply waiting for its first token (a long prompt) looks at its cancel event
 SHOWN = ("tokenizer", "eos_ids", "defaults", "context_window", "name", "device", "quantize", "quantize_note")
 PREFILL_STATS = ("cached_tokens", "prefill_tok_s")
+SEND_EVERY_S = 0.02  # tokens decoded closer together than this cross together: the app's reading thread wakes
+# once for them, not once a token (each wake-up takes a core from a decoding thread for a while; the UI draws
+# at most 30 frames a second anyway)
 
 
 def log_path():
@@ -50,6 +54,7 @@ class RunnerProcess(ChatBackend):
     def __init__(self, conn, process, source, load_args: dict):
         super().__init__()
         self._conn, self._process = conn, process
+        self._poller = None  # (connection, select.poll on it): see _readable
         self._source, self._load_args = source, load_args  # to start it again after it died
         self._send_lock = threading.Lock()
         self._unfinished = False  # a reply was left before its end: its remaining tokens are read and dropped
@@ -140,13 +145,13 @@ class RunnerProcess(ChatBackend):
         self._unfinished = True
         try:
             while True:
-                while cancel is not None and not cancel.is_set() and not self._conn.poll(CANCEL_POLL_S):
+                while cancel is not None and not cancel.is_set() and not self._readable(CANCEL_POLL_S):
                     pass  # a long prompt: Esc is heard before its first token
                 if cancel is not None and cancel.is_set():
                     return  # the child stops at its next token; `_settle` reads what it sent meanwhile
                 kind, value = self._recv()
-                if kind == "token":
-                    yield value
+                if kind == "tokens":
+                    yield from value
                     continue
                 if kind == "error":
                     self._unfinished = False
@@ -159,6 +164,16 @@ class RunnerProcess(ChatBackend):
         finally:
             if self._unfinished:
                 self._send(("stop",))
+
+    def _readable(self, timeout: float) -> bool:
+        """`self._conn.poll(timeout)` in one system call: multiprocessing builds and closes a selector on every
+        call, about a third of the app's CPU time per streamed token. (A Connection reads no further than the
+        message it returns, so a readable pipe is a message waiting, or the child gone: recv then says so.)"""
+        if self._poller is None or self._poller[0] is not self._conn:
+            poller = select.poll()
+            poller.register(self._conn.fileno(), select.POLLIN)
+            self._poller = (self._conn, poller)
+        return bool(self._poller[1].poll(timeout * 1000))
 
     def _start_again(self) -> None:
         """A fresh child for one that died (its KV cache is gone: the next prompt is computed whole)."""
@@ -229,18 +244,25 @@ def serve(conn) -> None:
 
 
 def answer(conn, runner, ids: list[int], sampling: Sampling, budget: int) -> None:
-    """Send the reply's token ids as they come, up to a stop id, the budget or a message from the parent
-    (a stop, or the end), then its stats. Exactly one "end" or "error" closes every request."""
+    """Send the reply's token ids as they come (those within SEND_EVERY_S of the last send together), up to a
+    stop id, the budget or a message from the parent (a stop, or the end), then its stats. Exactly one "end"
+    or "error" closes every request."""
     stats = TurnStats()
     tokens = runner._generate(ids, sampling, stats, None)
-    n = 0
+    n, pending, sent = 0, [], 0.0
+    heard = select.poll()  # the parent's messages, one system call a token (see RunnerProcess._readable)
+    heard.register(conn.fileno(), select.POLLIN)
     try:
         for token in tokens:
             if n == 0:
                 conn.send(("stats", {k: getattr(stats, k) for k in PREFILL_STATS}))
-            conn.send(("token", token))
+            pending.append(token)
             n += 1
-            if token in runner.eos_ids or n >= budget or conn.poll():
+            last = token in runner.eos_ids or n >= budget or bool(heard.poll(0))
+            if last or time.monotonic() - sent >= SEND_EVERY_S:
+                conn.send(("tokens", pending))
+                pending, sent = [], time.monotonic()
+            if last:
                 break
     except Exception as e:  # noqa: BLE001 - the reply fails, the process goes on
         traceback.print_exc()

@@ -30,13 +30,13 @@ from app.tui.clipboard import copy_text
 from app.tui.conversations import ConversationList, ConversationsMixin
 from app.tui.dialogs import DialogsMixin
 from app.tui.screens import ConfirmScreen, FirstRunScreen, VerdictScreen
-from app.tui.widgets import MessageView, PromptArea, StatusBar
+from app.tui.widgets import MessageView, PromptArea, StatusBar, Transcript
 
 FRAME_S = 1 / 30  # how often streamed text reaches the screen, at most
-MAX_FRAME_S = 0.5  # ... and at least
-UI_SHARE_CPU = 0.08  # the UI thread's CPU share (of one core) a reply's frames aim at when the model computes
+MAX_FRAME_S = 1.0  # ... and at least
+UI_SHARE_CPU = 0.05  # the UI thread's CPU share (of one core) a reply's frames aim at when the model computes
 UI_SHARE_OTHER = 0.5  # on the CPU, and elsewhere (GPU, remote)
-LIVE_S = 0.3  # how often the status bar refreshes while a reply runs
+LIVE_S = 0.5  # while a reply runs the status bar refreshes with each frame, and at least this often (live_status)
 QUIT_WAIT_S = 3.0  # how long quitting waits for a stopped reply to be stored
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
 
@@ -126,6 +126,7 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
         self.loaded_sources: list[str] = []  # models that loaded in this run, offered again in F2
         self._turn: Worker | None = None
         self._live = None  # the status bar's refresh timer while a turn runs
+        self._status_at = 0.0  # when the status bar was last refreshed (time.monotonic)
         self.frame_s = FRAME_S  # the interval the turn worker hands text on at (see pace_frames)
         self._frame_mark: tuple[float, float] | None = None
 
@@ -137,7 +138,7 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
                 yield Input(placeholder="Search chats", id="search")
                 yield ConversationList(id="conversations")
             with Vertical(id="chat"):
-                yield VerticalScroll(id="transcript")
+                yield Transcript(id="transcript")
                 prompt = PromptArea(id="prompt", placeholder="Message (Enter sends, Ctrl+J new line)")
                 prompt.cursor_blink = self.animate
                 yield prompt
@@ -289,7 +290,15 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
         banner.update("  ·  ".join(parts))
         banner.display = bool(parts)
 
+    def live_status(self) -> None:
+        """The status bar while a reply runs, where no frame refreshed it for LIVE_S (a prompt still being read,
+        text held back for a check). A refresh of its own costs a pass of the compositor (several ms on a
+        2-core CPU); in a frame it is drawn with the reply's text."""
+        if time.monotonic() - self._status_at >= LIVE_S:
+            self.refresh_status()
+
     def refresh_status(self) -> None:
+        self._status_at = time.monotonic()
         engine = self.session.describe()
         name = short_name(engine["model"])
         device = engine["where"] or self.loading_text or "…"
@@ -374,7 +383,7 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
         self.cancel = threading.Event()
         self._stream = None
         self._turn = self.run_turn(kind, text, message_id, self.cancel)
-        self._live = self.set_interval(LIVE_S, self.refresh_status)
+        self._live = self.set_interval(LIVE_S / 2, self.live_status)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="turn")
     def run_turn(self, kind: str, text: str, message_id: int | None, cancel: threading.Event) -> None:
@@ -428,7 +437,8 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
 
                 self._stream = Markdown.get_stream(reply.body)
             reply.text += e.text
-            await self._stream.write(e.text)
+            await self._stream.write(e.text)  # lets the stream's task update the open block, then:
+            self.refresh_status()  # drawn in the same pass of the compositor as the text
         elif isinstance(e, (Blocked, Retracted)):
             await self.stop_stream()
             if isinstance(e, Blocked) and e.stage == "input" and self.user_view:

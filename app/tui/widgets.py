@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from textual.binding import Binding
-from textual.containers import Vertical
+from textual.containers import Vertical, VerticalScroll
+from textual.geometry import Size
 from textual.message import Message
+from textual.reactive import Reactive
 from textual.widgets import Label, Markdown, Static, TextArea
 
 
@@ -24,6 +26,26 @@ def badge_for(status: str, verdicts: list, guarded: bool) -> tuple[str, str]:
     return ("screening…" if status == "streaming" else "not screened") + extra, "pending"
 
 
+def placed(cls: type) -> type:
+    """`cls`, laid out once per change. A layout that gives a widget a new size also sets its `virtual_size`,
+    and that reactive asks Textual for another layout of the whole screen: one that changes nothing, since
+    the first already placed every widget at its new size, scrolled an anchored container to its end (in the
+    compositor) and updated scrollbars (showing or hiding one has a layout reactive of its own). While a
+    reply streams, each frame grows the reply and the transcript, so every frame was laid out twice."""
+    return type(cls.__name__, (cls,), {"virtual_size": Reactive(Size(0, 0), layout=False), "__module__": __name__})
+
+
+Transcript = placed(VerticalScroll)
+
+
+@placed
+class ReplyMarkdown(Markdown):
+    """A reply's Markdown, its blocks `placed` too."""
+
+    BLOCKS = {name: placed(block) for name, block in Markdown.BLOCKS.items()}
+
+
+@placed
 class MessageView(Vertical, can_focus=True):
     """One message of the transcript. Enter (or v) opens its guard verdicts."""
 
@@ -46,7 +68,7 @@ class MessageView(Vertical, can_focus=True):
         if self.role == "user":  # as typed: Markdown would eat `__init__`, `a*b*c`, HTML and single newlines
             yield Static(self.text, classes="body", markup=False)
         else:
-            yield Markdown(self.text, classes="body")
+            yield ReplyMarkdown(self.text, classes="body")
         text, cls = badge_for(self.status, self.verdicts, self.guarded)
         yield Label(text, classes=f"badge {cls}")
 

@@ -411,3 +411,39 @@ def test_quit_never_waits_for_background_work(present_model, tmp_path):
     finally:
         os.close(main)
     assert code == 0
+
+
+def test_a_streamed_frame_is_laid_out_once_and_the_transcript_follows_it(present_model, monkeypatch):
+    """Each frame grows the reply; the layout that follows places everything. Textual's virtual_size
+    reactive asked for a second, idle layout of the whole screen per frame (placed() in widgets.py)."""
+    from textual.screen import Screen
+
+    layouts = []
+    original = Screen._refresh_layout
+
+    def counted(self, *args, **kwargs):
+        layouts.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Screen, "_refresh_layout", counted)
+    frames = []
+
+    async def go():
+        runner = ScriptedRunner(reply=" ".join(f"word{i}" for i in range(2500)), rate=400)
+        config = make_config(present_model, guard=False, max_new_tokens=3000)
+        app = LlamaChatApp(config, engine_loader=scripted_loader(runner), animate=False)
+        original_pace = app.pace_frames
+        app.pace_frames = lambda: (frames.append(1), original_pace())
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_for(pilot, lambda: app.session.engine is not None)
+            before = len(layouts), len(frames)
+            await send(pilot, app, "Count.")
+            await pilot.pause(0.2)
+            laid, shown = len(layouts) - before[0], len(frames) - before[1]
+            assert shown >= 5
+            # was two a frame; 8 for the turn's start and end
+            assert laid <= shown + 8, f"{laid} layouts for {shown} frames"
+            transcript = app.query_one("#transcript")
+            assert transcript.max_scroll_y > 0 and transcript.scroll_y == transcript.max_scroll_y
+
+    run(go())
