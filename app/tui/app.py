@@ -126,7 +126,7 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
         self.loaded_sources: list[str] = []  # models that loaded in this run, offered again in F2
         self._turn: Worker | None = None
         self._live = None  # the status bar's refresh timer while a turn runs
-        self._status_at = 0.0  # when the status bar was last refreshed (time.monotonic)
+        self._frame_status_at = 0.0  # when a frame last refreshed the status bar (time.monotonic)
         self.frame_s = FRAME_S  # the interval the turn worker hands text on at (see pace_frames)
         self._frame_mark: tuple[float, float] | None = None
 
@@ -291,14 +291,13 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
         banner.display = bool(parts)
 
     def live_status(self) -> None:
-        """The status bar while a reply runs, where no frame refreshed it for LIVE_S (a prompt still being read,
-        text held back for a check). A refresh of its own costs a pass of the compositor (several ms on a
-        2-core CPU); in a frame it is drawn with the reply's text."""
-        if time.monotonic() - self._status_at >= LIVE_S:
+        """The status bar while a reply runs, where no frame drew it for LIVE_S (a prompt being read or checked,
+        text held back for a check, frames slowed by pace_frames). A refresh of its own costs a pass of the
+        compositor (several ms on a 2-core CPU); in a frame it is drawn with the reply's text."""
+        if time.monotonic() - self._frame_status_at >= LIVE_S:
             self.refresh_status()
 
     def refresh_status(self) -> None:
-        self._status_at = time.monotonic()
         engine = self.session.describe()
         name = short_name(engine["model"])
         device = engine["where"] or self.loading_text or "…"
@@ -439,6 +438,7 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
             reply.text += e.text
             await self._stream.write(e.text)  # lets the stream's task update the open block, then:
             self.refresh_status()  # drawn in the same pass of the compositor as the text
+            self._frame_status_at = time.monotonic()
         elif isinstance(e, (Blocked, Retracted)):
             await self.stop_stream()
             if isinstance(e, Blocked) and e.stage == "input" and self.user_view:
