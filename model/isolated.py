@@ -42,6 +42,13 @@ SEND_EVERY_S = 0.02  # tokens decoded closer together than this cross together: 
 # at most 30 frames a second anyway)
 
 
+def readable_poll(conn: Connection):
+    """A `select.poll` that says when `conn` has a message (or its other end is gone)."""
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN)
+    return poller
+
+
 def log_path():
     from model.host import app_cache_folder
 
@@ -54,7 +61,7 @@ class RunnerProcess(ChatBackend):
     def __init__(self, conn, process, source, load_args: dict):
         super().__init__()
         self._conn, self._process = conn, process
-        self._poller = None  # (connection, select.poll on it): see _readable
+        self._poller = readable_poll(conn)  # see _readable
         self._source, self._load_args = source, load_args  # to start it again after it died
         self._send_lock = threading.Lock()
         self._unfinished = False  # a reply was left before its end: its remaining tokens are read and dropped
@@ -169,17 +176,14 @@ class RunnerProcess(ChatBackend):
         """`self._conn.poll(timeout)` in one system call: multiprocessing builds and closes a selector on every
         call, about a third of the app's CPU time per streamed token. (A Connection reads no further than the
         message it returns, so a readable pipe is a message waiting, or the child gone: recv then says so.)"""
-        if self._poller is None or self._poller[0] is not self._conn:
-            poller = select.poll()
-            poller.register(self._conn.fileno(), select.POLLIN)
-            self._poller = (self._conn, poller)
-        return bool(self._poller[1].poll(timeout * 1000))
+        return bool(self._poller.poll(timeout * 1000))
 
     def _start_again(self) -> None:
         """A fresh child for one that died (its KV cache is gone: the next prompt is computed whole)."""
         self._conn.close()
         fresh = RunnerProcess.load(self._source, **self._load_args)
         self._conn, self._process, self._unfinished = fresh._conn, fresh._process, False
+        self._poller = fresh._poller
 
     def reset(self) -> None:
         super().reset()
@@ -250,8 +254,7 @@ def answer(conn, runner, ids: list[int], sampling: Sampling, budget: int) -> Non
     stats = TurnStats()
     tokens = runner._generate(ids, sampling, stats, None)
     n, pending, sent = 0, [], 0.0
-    heard = select.poll()  # the parent's messages, one system call a token (see RunnerProcess._readable)
-    heard.register(conn.fileno(), select.POLLIN)
+    heard = readable_poll(conn)  # the parent's messages, one system call a token (see RunnerProcess._readable)
     try:
         for token in tokens:
             if n == 0:
