@@ -90,7 +90,7 @@ class ModelSettings:
     dtype: str = _f("auto", "auto, bfloat16, float16 or float32", _one_of("auto", "bfloat16", "float16", "float32"))
     context: int = _f(0, "context window in tokens; 0 means 8192 on CPU, 32768 on GPU", _at_least(0))
     quantize: str = _f("auto", "CPU weight mode: auto (int4 on a CPU where it runs fast, else bf16), bf16 (none), "
-                       "int8, int4 (group 32, int8 output layer) or int4-fast", _one_of(*QUANTIZE_MODES))
+                       "int8, int4 (group 32; output layer int4, its best logits from int8) or int4-fast", _one_of(*QUANTIZE_MODES))
     compile: str = _f("auto", "compiled decoding, warmed in the background: auto (in the app, on CPU), on or off",
                       _one_of("auto", "on", "off"))
     _remote_fields = _remote("chat model")

@@ -17,6 +17,11 @@ PROMPTS = [
     "Explain photosynthesis to a ten-year-old.",
     "Give three tips for writing a clear email to a colleague.",
     "What causes the seasons on Earth?",
+    "Translate into French: The library opens at nine and closes at six on weekdays.",
+    "A train leaves at 14:10 and arrives at 17:45. How long is the trip? Show your steps.",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "How do I make a simple tomato sauce? List the ingredients and the steps.",
+    "What does this shell command do: find . -name '*.log' -mtime +7 -delete",
 ]
 
 
@@ -24,7 +29,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__)
     p.add_argument("--quantize", required=True, choices=("int8", "int4", "int4-fast"))
     p.add_argument("--model", default=None, help="checkpoint (default: the SmolLM2 demo model)")
-    p.add_argument("--tokens", type=int, default=64, help="reference tokens per prompt")
+    p.add_argument("--tokens", type=int, default=128, help="reference tokens per prompt")
     p.add_argument("--dtype", default="auto", help="the quantized model's activations: auto (as the app runs it on "
                                                    "this CPU: bf16 where the CPU has native bf16, else fp32), bfloat16 "
                                                    "or float32")

@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per physical core)")
     p.add_argument("--context", type=int, default=None, help="context window in tokens (default 8192 on CPU)")
     p.add_argument("--quantize", default="auto", choices=QUANTIZE_MODES,
-                   help="CPU weight mode: bf16 (none), int8, int4 (group 32, int8 output layer), int4-fast (group 128); "
+                   help="CPU weight mode: bf16 (none), int8, int4 (group 32; output layer int4, its best logits from int8), int4-fast (group 128); "
                         "auto (default): int4 on a CPU where it runs fast, else bf16 (README)")
     p.add_argument("--compile", action="store_true",
                    help="compile decode steps in the background; replies switch over once ready (see model.compiled)")

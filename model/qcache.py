@@ -31,8 +31,9 @@ from model.host import app_cache_folder
 
 log = logging.getLogger(__name__)
 
-FORMAT = 7  # 4: records name their checkpoint (prefetch, dropping stale entries); 5: one weight buffer per QLinear;
-# 6: the native kernel is named "native" (one packed layout for every variant); 7: `mapped` layers after the arena
+FORMAT = 8  # 4: records name their checkpoint (prefetch, dropping stale entries); 5: one weight buffer per QLinear;
+# 6: the native kernel is named "native" (one packed layout for every variant); 7: `mapped` layers after the arena;
+# 8: int4's output layer is a ShortlistHead
 TOKENIZER_FORMAT = 3
 CHUNK = 64 << 20
 ALIGN = 64

@@ -3,8 +3,10 @@
 Modes:
 - bf16: no quantization.
 - int8: every Linear (and the output layer) int8 per output channel.
-- int4: decoder Linears int4 in groups of 32, output layer int8: the output layer carries most of the
-  quality loss (llama.cpp keeps it at higher precision too).
+- int4: decoder Linears int4 in groups of 32. The output layer carries most of the quality loss
+  (llama.cpp keeps it at higher precision too): where the native kernel runs it is a `ShortlistHead`
+  (every logit from int4 weights, the highest ones again from int8 weights: the bytes a token streams
+  halve, and the tokens that can be picked keep int8's logits), else int8.
 - int4-fast: int4 in groups of 128 everywhere, output layer included.
 
 Decoding one token reads every weight once, so fewer bytes per weight is faster decoding on a CPU.
@@ -27,6 +29,8 @@ from model.qkernel import available, qlinear
 
 MODES = tuple(m for m in QUANTIZE_MODES if m != "auto")  # "auto" is resolved first (model.device.pick_quantize)
 GROUPS = {"int4": 32, "int4-fast": 128}
+HEAD_GROUP = 128  # ShortlistHead's int4 weights: 139 MB for the 1B shape's output layer (int8: 263 MB)
+SHORTLIST = 128  # logits per row ShortlistHead takes again from its int8 weights
 ROWS_AT_ONCE = 256  # QLinear.from_linear; a multiple of the kernel's tiles of 16 rows
 
 
@@ -101,6 +105,52 @@ class QLinear(nn.Module):
                   float_out=first.float_out)
         out.packed = _back_to_back([p.packed for p in parts])
         return out
+
+
+class ShortlistHead(nn.Module):
+    """An output layer in two passes: every logit from int4 weights (`coarse`, group HEAD_GROUP: the bytes
+    each token streams), then the SHORTLIST highest of each row again from int8 weights with a bf16 scale
+    per 32 inputs (`codes`, `scales`), the activations unrounded. Greedy decoding, top-k and top-p sampling
+    pick among tokens whose logits are closer than an int8 layer's (no int8 activations, finer scales): an
+    int4 logit is off by a few hundredths to tenths, far less than the gap between the highest few and the
+    128th. The other logits stay the int4 ones. A token streams 139 MB of weights (1B shape) instead of the
+    263 of an int8 output layer; the int8 copy is read a few rows at a time."""
+
+    def __init__(self, in_features: int, out_features: int, group: int, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.coarse = QLinear(in_features, out_features, 4, group, device=device, float_out=True)
+        self.register_buffer("codes", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, in_features // 32, dtype=torch.bfloat16, device=device))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group: int) -> "ShortlistHead":
+        n, k = linear.out_features, linear.in_features
+        out = cls(k, n, group, device="meta")
+        out.coarse = QLinear.from_linear(linear, 4, group, float_out=True)
+        out.codes, out.scales = torch.empty(n, k, dtype=torch.int8), torch.empty(n, k // 32, dtype=torch.bfloat16)
+        for r0 in range(0, n, ROWS_AT_ONCE):  # as QLinear.from_linear
+            w = linear.weight[r0:r0 + ROWS_AT_ONCE].detach().float().reshape(-1, k // 32, 32)
+            scales = (w.abs().amax(dim=-1, keepdim=True) / 127.0).clamp(min=1e-8).bfloat16()
+            out.codes[r0:r0 + len(w)] = (w / scales.float()).round_().clamp_(-127, 127).reshape(len(w), k).to(torch.int8)
+            out.scales[r0:r0 + len(w)] = scales[..., 0]
+        return out
+
+    def _rows(self, rows):
+        """fp32 weights of `rows` (a 1-D index tensor), [len(rows), in_features]."""
+        codes = self.codes.index_select(0, rows).view(len(rows), -1, 32).float()
+        return (codes * self.scales.index_select(0, rows).float().unsqueeze(-1)).view(len(rows), self.in_features)
+
+    def forward(self, x):
+        logits = self.coarse(x)
+        top = logits.topk(min(SHORTLIST, self.out_features), dim=-1, sorted=False).indices
+        rows = self._rows(top.reshape(-1)).view(-1, top.shape[-1], self.in_features)
+        exact = torch.bmm(rows, x.float().reshape(-1, self.in_features, 1)).view(top.shape)
+        return logits.scatter_(-1, top, exact)
+
+    def dequantized(self, rows=None):
+        """The int8 weights of all the layer's rows, or of `rows` (fp32), as QLinear.dequantized."""
+        return self._rows(torch.arange(self.out_features) if rows is None else torch.as_tensor(list(rows)))
 
 
 def _back_to_back(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -232,8 +282,8 @@ def _group_for(k: int, preferred: int) -> int | None:
 
 
 def plan(model, mode: str) -> dict[str, tuple]:
-    """Which Linear becomes what: {module name: ("int8",) | ("int4", group)}. Layers int4 cannot hold
-    (input size not a multiple of 32) stay as they are."""
+    """Which Linear becomes what: {module name: ("int8",) | ("int4", group) | ("shortlist", group)}. Layers
+    int4 cannot hold (input size not a multiple of 32) stay as they are."""
     if mode not in MODES:
         raise ValueError(f"quantize must be one of {', '.join(MODES)}, not {mode!r}")
     if mode == "bf16":
@@ -244,7 +294,9 @@ def plan(model, mode: str) -> dict[str, tuple]:
         if not isinstance(module, nn.Linear):
             continue
         is_head = module is head
-        if mode == "int8" or (mode == "int4" and is_head):
+        if mode == "int4" and is_head and (g := _group_for(module.in_features, HEAD_GROUP)):
+            out[name] = ("shortlist", g)  # a ShortlistHead where the native kernel runs, else int8
+        elif mode == "int8" or (mode == "int4" and is_head):
             out[name] = ("int8",)
         else:
             g = _group_for(module.in_features, GROUPS[mode])
@@ -282,11 +334,13 @@ def _swap_linears(model, layout: dict[str, tuple], kernel_name: str, empty_dtype
             progress(done, len(layout))
         linear = model.get_submodule(name)
         k, n = linear.in_features, linear.out_features
-        if kernel_name == "native" and k % 32 == 0:
+        if spec[0] == "shortlist" and kernel_name == "native":
+            new = ShortlistHead(k, n, spec[1], device="meta") if empty_dtype else ShortlistHead.from_linear(linear, spec[1])
+        elif kernel_name == "native" and k % 32 == 0:
             bits, group = (8, k) if spec[0] == "int8" else (4, spec[1])
             new = (QLinear(k, n, bits, group, device="meta", float_out=linear is head) if empty_dtype
                    else QLinear.from_linear(linear, bits, group, float_out=linear is head))
-        elif spec[0] == "int8":
+        elif spec[0] in ("int8", "shortlist"):
             new = Int8Linear(k, n, dtype=empty_dtype, device="meta") if empty_dtype else Int8Linear.from_linear(linear)
         else:
             new = (Int4Linear(k, n, spec[1], dtype=empty_dtype, device="meta") if empty_dtype

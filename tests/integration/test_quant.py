@@ -15,7 +15,7 @@ from model import qcache
 
 from model.loading import resolve_source
 from model.qkernel import available
-from model.quant import Int4Linear, Int8Linear, QLinear, kernel, plan, quantize_model
+from model.quant import SHORTLIST, Int4Linear, Int8Linear, QLinear, ShortlistHead, kernel, plan, quantize_model
 from model.runner import Runner
 from model.sampling import Sampling
 
@@ -42,9 +42,12 @@ def test_quantized_layers_track_the_original(tiny_llama_dir, ids, mode, toleranc
     layout = quantize_model(q, mode, kernel_name)
     head, down = q.get_output_embeddings(), q.model.layers[0].mlp.down_proj
     if kernel_name == "native":
-        assert isinstance(head, QLinear) and isinstance(down, QLinear)
-        assert (head.bits, down.bits) == ({"int8": 8, "int4": 8, "int4-fast": 4}[mode], 8 if mode == "int8" else 4)
-        assert head.float_out and not down.float_out  # logits in fp32
+        assert isinstance(down, QLinear) and down.bits == (8 if mode == "int8" else 4) and not down.float_out
+        if mode == "int4":  # int4 logits, the shortlist's from int8 weights
+            assert isinstance(head, ShortlistHead) and head.coarse.bits == 4 and head.coarse.float_out
+        else:
+            assert isinstance(head, QLinear) and head.bits == (8 if mode == "int8" else 4)
+            assert head.float_out  # logits in fp32
     else:
         assert isinstance(head, Int8Linear if mode in ("int8", "int4") else Int4Linear)
         assert isinstance(down, Int8Linear if mode == "int8" else Int4Linear)
@@ -54,6 +57,32 @@ def test_quantized_layers_track_the_original(tiny_llama_dir, ids, mode, toleranc
     rel = (a - b).norm() / a.norm()
     assert rel < tolerance, rel
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.7
+
+
+def test_the_shortlist_head_rescores_its_best_int4_logits_from_int8_weights(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    if why := available():
+        pytest.skip(why)
+    linear = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).lm_head
+    head = ShortlistHead.from_linear(linear, 64)
+    blocks = linear.weight.reshape(len(linear.weight), -1, 32).abs().amax(-1, keepdim=True)  # int8 per 32 inputs
+    error = (head.dequantized() - linear.weight).reshape(blocks.shape[0], -1, 32).abs()
+    assert (error <= blocks / 254 * 1.01).all()
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, linear.in_features)
+    with torch.inference_mode():
+        out, coarse = head(x), head.coarse(x)
+        int8 = x @ head.dequantized().T  # int8 weights, activations as they are
+        exact = linear(x)
+    top = coarse.topk(SHORTLIST, dim=-1).indices
+    shortlisted = torch.zeros_like(out, dtype=torch.bool).scatter_(-1, top, True)
+    torch.testing.assert_close(out[shortlisted], int8[shortlisted])
+    assert torch.equal(out[~shortlisted], coarse[~shortlisted])  # the rest: the int4 logits
+    assert (out.argmax(-1) == int8.argmax(-1)).all()  # the best int8 logit is on the shortlist
+    assert (out - exact)[shortlisted].abs().max() < (coarse - exact)[shortlisted].abs().max() / 4
+    # the guard's category rows (model.kvcache, rows=...) come from the int8 weights
+    torch.testing.assert_close(head.dequantized([5, 7]), head.dequantized()[[5, 7]])
 
 
 def test_plan_rejects_unknown_modes(tiny_llama_dir):

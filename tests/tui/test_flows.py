@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+import app.tui.app as tui_app
 from app.tui.app import LlamaChatApp
 from app.tui.screens import AboutScreen, FirstRunScreen, SystemPromptScreen, VerdictScreen
 from app.tui.widgets import MessageView, PromptArea
@@ -426,6 +427,9 @@ def test_a_streamed_frame_is_laid_out_once_and_the_transcript_follows_it(present
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Screen, "_refresh_layout", counted)
+    # frames as often as the pacing allows, so that a second layout per frame stands out from the turn's own
+    monkeypatch.setattr(tui_app, "UI_SHARE_CPU", 1.0)
+    monkeypatch.setattr(tui_app, "MAX_FRAME_S", 0.2)
     frames = []
 
     async def go():
@@ -440,7 +444,7 @@ def test_a_streamed_frame_is_laid_out_once_and_the_transcript_follows_it(present
             await send(pilot, app, "Count.")
             await pilot.pause(0.2)
             laid, shown = len(layouts) - before[0], len(frames) - before[1]
-            assert shown >= 5
+            assert shown >= 15
             # was two a frame; 8 for the turn's start and end
             assert laid <= shown + 8, f"{laid} layouts for {shown} frames"
             transcript = app.query_one("#transcript")
