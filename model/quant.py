@@ -5,8 +5,8 @@ Modes:
 - int8: every Linear (and the output layer) int8 per output channel.
 - int4: decoder Linears int4 in groups of 32. The output layer carries most of the quality loss
   (llama.cpp keeps it at higher precision too): where the native kernel runs it is a `ShortlistHead`
-  (every logit from int4 weights, the highest ones again from int8 weights: the bytes a token streams
-  halve, and the tokens that can be picked keep int8's logits), else int8.
+  (every logit from int4 weights, the highest ones again from int8 weights: the output layer streams
+  half the bytes a token, and the tokens that can be picked keep int8 weights' logits), else int8.
 - int4-fast: int4 in groups of 128 everywhere, output layer included.
 
 Decoding one token reads every weight once, so fewer bytes per weight is faster decoding on a CPU.
