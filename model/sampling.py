@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+NUCLEUS_PROBE = 256  # next_token: how many of the highest probabilities are looked at first for top-p
+
 
 @dataclass
 class Sampling:
@@ -78,8 +80,12 @@ def next_token(logits, s: Sampling, generator, recent=()) -> int:
         scores = scores.masked_fill(scores < kth, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     if s.top_p is not None and s.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
+        # The nucleus is the head of the probabilities in order: the NUCLEUS_PROBE highest (a partial sort)
+        # hold it unless together they are top_p or less; only then sort them all.
+        sorted_probs, order = torch.topk(probs, min(NUCLEUS_PROBE, probs.numel()))
+        if float(sorted_probs.sum()) <= s.top_p:
+            sorted_probs, order = torch.sort(probs, descending=True)
         outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs > s.top_p
         sorted_probs[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+        return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -30,3 +30,22 @@ def test_checkpoint_defaults_and_limits():
     for bad in (0.0, -1.0, 2.5):
         with pytest.raises(ValueError, match="repetition_penalty"):
             Sampling(repetition_penalty=bad).validate()
+
+
+@pytest.mark.parametrize("spread", [4.0, 0.001])  # a nucleus of a few ids; one wider than NUCLEUS_PROBE
+def test_top_p_samples_exactly_the_nucleus_in_proportion(spread):
+    from model.sampling import NUCLEUS_PROBE
+
+    torch.manual_seed(0)
+    logits = torch.randn(32000) * spread
+    s = Sampling(temperature=1.0, top_p=0.5)
+    probs, order = torch.sort(torch.softmax(logits, -1), descending=True)
+    size = int((torch.cumsum(probs, -1) - probs <= 0.5).sum())  # the nucleus, from a full sort
+    assert (size < NUCLEUS_PROBE) == (spread == 4.0)
+    g = torch.Generator().manual_seed(1)
+    picks = torch.tensor([next_token(logits, s, g) for _ in range(2000)])
+    assert set(picks.tolist()) <= set(order[:size].tolist())  # nothing outside the nucleus
+    if size < 20:  # each id as often as its share of the nucleus
+        share = probs[:size] / probs[:size].sum()
+        seen = torch.stack([(picks == i).float().mean() for i in order[:size]])
+        assert (seen - share).abs().max() < 0.04
