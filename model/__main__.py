@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="penalty on recently written tokens (llama.cpp's repeat_penalty); 1 is off")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: one per physical core)")
@@ -38,7 +40,8 @@ def main(argv=None) -> int:
     from model.runner import Runner
     from model.sampling import Sampling
 
-    sampling = Sampling(args.temperature, args.top_p, args.top_k, args.seed, args.max_new_tokens)
+    sampling = Sampling(args.temperature, args.top_p, args.top_k, args.seed, args.max_new_tokens,
+                        args.repetition_penalty)
     try:
         sampling.validate()
         if args.threads is not None and args.threads < 1:

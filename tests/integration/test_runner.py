@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import threading
 
 import pytest
@@ -324,3 +325,20 @@ def test_the_demo_model_no_longer_loops_with_its_sampling(smollm2_gguf):
         ids, stats = reply(**kw)
         assert distinct_8grams(ids) > 0.9, kw
         assert stats.sampling["repetition_penalty"] == DEMO_SAMPLING["repetition_penalty"]  # stored with it
+
+
+def test_python_m_model_takes_the_repetition_penalty(tiny_llama_dir, capsys):
+    """`python -m model --repetition-penalty` samples as the app does (the in-app speed is compared with it on
+    the demo's sampling): the value reaches the sampler and the stats, and a bad one is a clear error."""
+    from model.__main__ import main
+
+    base = ["--model", str(tiny_llama_dir), "--temperature", "0", "--max-new-tokens", "24",
+            "--dtype", "float32", "--stats", "Tell me a story."]
+    assert main(base) == 0
+    plain = capsys.readouterr()
+    assert main(base + ["--repetition-penalty", "1.8"]) == 0
+    penalized = capsys.readouterr()
+    assert json.loads(penalized.err.splitlines()[-1])["sampling"]["repetition_penalty"] == 1.8
+    assert json.loads(plain.err.splitlines()[-1])["sampling"]["repetition_penalty"] == 1.0  # the checkpoint's default: off
+    assert main(base + ["--repetition-penalty", "0"]) == 2
+    assert "repetition_penalty must be above 0" in capsys.readouterr().err
