@@ -40,6 +40,8 @@ PREFILL_STATS = ("cached_tokens", "prefill_tok_s")
 SEND_EVERY_S = 0.02  # tokens decoded closer together than this cross together: the app's reading thread wakes
 # once for them, not once a token (each wake-up takes a core from a decoding thread for a while; the UI draws
 # at most 30 frames a second anyway)
+SEND_EVERY_CPU_S = 0.1  # ... and on the CPU, where each wake-up stalls both decoding threads at their next
+# barrier and the UI's frames come 0.3-1 s apart (app.tui.app.pace_frames)
 
 
 def readable_poll(conn: Connection):
@@ -248,12 +250,13 @@ def serve(conn) -> None:
 
 
 def answer(conn, runner, ids: list[int], sampling: Sampling, budget: int) -> None:
-    """Send the reply's token ids as they come (those within SEND_EVERY_S of the last send together), up to a
-    stop id, the budget or a message from the parent (a stop, or the end), then its stats. Exactly one "end"
-    or "error" closes every request."""
+    """Send the reply's token ids as they come (the first at once, later ones in batches SEND_EVERY_S or, on
+    the CPU, SEND_EVERY_CPU_S apart), up to a stop id, the budget or a message from the parent (a stop, or the
+    end), then its stats. Exactly one "end" or "error" closes every request."""
     stats = TurnStats()
     tokens = runner._generate(ids, sampling, stats, None)
     n, pending, sent = 0, [], 0.0
+    every = SEND_EVERY_CPU_S if runner.device == "cpu" else SEND_EVERY_S
     heard = readable_poll(conn)  # the parent's messages, one system call a token (see RunnerProcess._readable)
     try:
         for token in tokens:
@@ -262,7 +265,7 @@ def answer(conn, runner, ids: list[int], sampling: Sampling, budget: int) -> Non
             pending.append(token)
             n += 1
             last = token in runner.eos_ids or n >= budget or bool(heard.poll(0))
-            if last or time.monotonic() - sent >= SEND_EVERY_S:
+            if last or time.monotonic() - sent >= every:
                 conn.send(("tokens", pending))
                 pending, sent = [], time.monotonic()
             if last:

@@ -382,6 +382,8 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
         self.cancel = threading.Event()
         self._stream = None
         self._turn = self.run_turn(kind, text, message_id, self.cancel)
+        # the prompt's blinking cursor repaints it twice a second: wake-ups that preempt the model's threads
+        self.query_one("#prompt", PromptArea).cursor_blink = False
         self._live = self.set_interval(LIVE_S / 2, self.live_status)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="turn")
@@ -497,6 +499,7 @@ class LlamaChatApp(ConversationsMixin, DialogsMixin, App):
         for view in (self.user_view, self.reply_view):
             if view is not None:
                 view.remove_class("running")
+        self.query_one("#prompt", PromptArea).cursor_blink = self.animate
         self.refresh_status()
         self.refresh_conversations(self.query_one("#search", Input).value)
         self.call_later(self.send_queued)

@@ -123,6 +123,28 @@ def test_the_status_bar_changes_while_a_reply_streams(present_model):
     run(go())
 
 
+def test_the_cursor_rests_while_a_reply_streams(present_model):
+    """On a CPU that the model's threads fill, each wake-up of the UI slows decoding: the prompt's cursor
+    does not blink (two repaints a second) while a reply streams, and blinks again after it."""
+    runner = ScriptedRunner(reply="word " * 200, delay=0.01)
+
+    async def go():
+        app = LlamaChatApp(make_config(present_model, guard=False, max_new_tokens=400),
+                           engine_loader=scripted_loader(runner), animate=True)
+        async with app.run_test(size=(100, 30)) as pilot:
+            prompt = app.query_one("#prompt", PromptArea)
+            assert prompt.cursor_blink
+            await send(pilot, app, "Go")
+            blinking = set()
+            while app.busy or not blinking:
+                if app.busy:
+                    blinking.add(prompt.cursor_blink)
+                await pilot.pause(0.02)
+            assert blinking == {False} and prompt.cursor_blink
+
+    run(go())
+
+
 def test_the_status_bar_says_when_a_check_runs(present_model):
     from tests.helpers.scripted import ScriptedGuard
 
