@@ -41,7 +41,7 @@ SEND_EVERY_S = 0.02  # tokens decoded closer together than this cross together: 
 # once for them, not once a token (each wake-up takes a core from a decoding thread for a while; the UI draws
 # at most 30 frames a second anyway)
 SEND_EVERY_CPU_S = 0.1  # ... and on the CPU, where each wake-up stalls both decoding threads at their next
-# barrier and the UI's frames come 0.3-1 s apart (app.tui.app.pace_frames)
+# barrier and the UI's frame pacing spaces its frames further apart than this (app.tui.app.pace_frames)
 
 
 def readable_poll(conn: Connection):
